@@ -1,0 +1,205 @@
+"""Experiment configs: nested dicts read from TOML, overridable field by field.
+
+A config file only states what differs from `DEFAULTS`; `resolve` merges it
+over the defaults and applies `--set key=value` overrides (dotted keys, values
+parsed as TOML literals and checked against the default's type). The resolved
+config is saved as JSON in the workdir.
+"""
+
+import copy
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import tomllib
+from typing import Any
+
+from lego_jax.errors import LegoError, unknown
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "data": {
+        "name": "synthetic",      # ml-100k | ml-1m | lastfm-360k | synthetic | a folder path
+        "data_dir": "",           # default: $LEGO_DATA_DIR
+        "format": "",             # auto-detected when empty
+        "users_file": "",         # user-attribute file, where not the conventional one
+        "attributes": [],         # which attributes to keep; empty = all
+        "rating_threshold": 0.0,  # keep interactions with rating >= this (0 = all)
+        "kcore": 0,
+        "age_bins": "",           # "" = dataset default; "none" keeps raw codes; or e.g. "18,25,35,50"
+        "split": "random",        # random | loo | predefined
+        "split_ratios": [0.8, 0.1, 0.1],
+        "synthetic_users": 3000,
+        "synthetic_items": 2000,
+        "synthetic_density": 0.045,
+    },
+    "model": {
+        "name": "mf",             # mf | ncf | lightgcn
+        "dim": 64,
+        "mlp_layers": [128, 64],  # NCF MLP tower
+        "n_layers": 2,            # LightGCN propagation layers
+    },
+    "train": {
+        "epochs": 50,
+        "batch_size": 2048,
+        "lr": 1e-3,
+        "l2": 1e-5,
+        "eval_every": 1,
+        "patience": 5,
+        "metric": "ndcg@10",
+        "negatives": 1,
+    },
+    "eval": {
+        "ks": [10, 20],
+        "batch_users": 1024,
+    },
+    "attack": {
+        "hidden": 100,
+        "l2": 1e-4,
+        "lr": 1e-2,
+        "steps": 300,
+        "folds": 5,
+        "paper_splits": 40,
+        "paper_train_frac": 0.2,
+    },
+    "unlearn": {
+        "attributes": [],         # empty = all attributes of the dataset
+        "loss": "mmd",            # mmd | d2d | adversarial
+        "calibrator": "table",    # table | residual
+        "steps": 100,
+        "lr": 1e-2,
+        "w_mi": 10.0,
+        "lam_rank": 1e-3,
+        "l2": 0.0,
+        "batch_users": 1024,      # class-stratified minibatch size; 0 = full batch
+        "topk": 20,
+        "margin": 0.05,
+        "rank_batch": 1024,
+        "stop": "null",           # null | steps
+    },
+    "combine": {
+        "mode": "dim",            # dim | scalar | convex
+        "steps": 100,
+        "lr": 1e-2,
+        "w_mi": 10.0,
+        "lam_rank": 1e-3,
+        "init": "uniform",        # uniform (1/|R|) | ones
+    },
+    "run": {
+        "methods": ["lego", "joint", "sequential", "leace", "adversarial"],
+        "attackers": ["mlp", "linear"],
+        "sweep": [],              # lam_rank values for the trade-off plot
+    },
+}
+
+
+def config_dirs() -> list[pathlib.Path]:
+  """Where named configs are looked up, in order."""
+  dirs = []
+  if os.environ.get("LEGO_CONFIG_DIR"):
+    dirs.append(pathlib.Path(os.environ["LEGO_CONFIG_DIR"]))
+  dirs.append(pathlib.Path.cwd() / "configs")
+  dirs.append(pathlib.Path(__file__).resolve().parents[1] / "configs")  # source checkout
+  dirs.append(pathlib.Path(sysconfig.get_path("data")) / "share" / "lego-jax" / "configs")
+  dirs.append(pathlib.Path(sys.prefix) / "share" / "lego-jax" / "configs")
+  return dirs
+
+
+def available() -> list[str]:
+  names = set()
+  for d in config_dirs():
+    if d.is_dir():
+      names.update(p.stem for p in d.glob("*.toml"))
+  return sorted(names)
+
+
+def find(name: str) -> pathlib.Path:
+  path = pathlib.Path(name)
+  if path.suffix == ".toml" or os.sep in name:
+    if not path.is_file():
+      raise LegoError(f"config file {name} does not exist")
+    return path
+  for d in config_dirs():
+    if (d / f"{name}.toml").is_file():
+      return d / f"{name}.toml"
+  raise unknown("config", name, available())
+
+
+def _merge(base: dict, over: dict, where: str = "") -> dict:
+  out = copy.deepcopy(base)
+  for key, value in over.items():
+    path = f"{where}{key}"
+    if key not in base:
+      raise unknown("config field", path, [f"{where}{k}" for k in base])
+    if isinstance(base[key], dict):
+      if not isinstance(value, dict):
+        raise LegoError(f"config field {path} must be a table, got {value!r}")
+      out[key] = _merge(base[key], value, path + ".")
+    else:
+      out[key] = _check_type(path, base[key], value)
+  return out
+
+
+def _check_type(path: str, default, value):
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if ok else value
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, list):
+    if isinstance(value, str):  # `--set unlearn.attributes=gender,age`
+      value = [v for v in value.split(",") if v]
+    ok = isinstance(value, list)
+  else:
+    ok = isinstance(value, str)
+  if not ok:
+    raise LegoError(f"config field {path} expects {type(default).__name__}, got {value!r}")
+  return value
+
+
+def parse_override(text: str) -> dict:
+  """`a.b=value` -> {"a": {"b": value}}; the value is a TOML literal or a bare string."""
+  if "=" not in text:
+    raise LegoError(f"--set expects key=value, got {text!r}")
+  key, raw = text.split("=", 1)
+  try:
+    value = tomllib.loads(f"v = {raw}")["v"]
+  except tomllib.TOMLDecodeError:
+    value = raw
+  out: dict = {}
+  node = out
+  parts = key.strip().split(".")
+  for p in parts[:-1]:
+    node = node.setdefault(p, {})
+  node[parts[-1]] = value
+  return out
+
+
+def resolve(name: str | None = None, overrides=()) -> dict:
+  """The full config: defaults, then the named file, then each override."""
+  config = copy.deepcopy(DEFAULTS)
+  if name:
+    path = find(name)
+    try:
+      with open(path, "rb") as f:
+        config = _merge(config, tomllib.load(f))
+    except tomllib.TOMLDecodeError as e:
+      raise LegoError(f"{path}: {e}") from None
+  for text in overrides:
+    config = _merge(config, parse_override(text))
+  return config
+
+
+def save(config: dict, path: os.PathLike) -> None:
+  """Writes the config as JSON, atomically."""
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def load(path: os.PathLike) -> dict:
+  return json.loads(pathlib.Path(path).read_text())

@@ -1,0 +1,398 @@
+"""File-format readers: raw interactions and raw user-attribute tables.
+
+Each reader returns plain data with raw ids and raw attribute strings; the
+dataset builder in `load.py` does thresholds, merging, k-core, dense indexing
+and attribute coding. Parsing reads a whole file at once and splits it in C
+(`bytes.split`), so ML-1M's million lines load in about a second; a line with
+the wrong number of fields raises `LegoError("FILE:LINE: ...")`.
+
+Formats (see `FORMATS`):
+  movielens-100k  u.data (tab: user item rating ts), u.user (`|`: id|age|gender|occupation|zip)
+  movielens-1m    ratings.dat[.gz], users.dat (`::`, latin-1)
+  recbole         <name>.inter[.gz], <name>.user[.gz] (tab, header `field:type`)
+  lightgcn        train.txt [valid.txt] test.txt (`user item item ...`) + a user TSV with a header
+  lastfm          usersha1-artmbid-artname-plays.tsv, usersha1-profile.tsv
+"""
+
+import dataclasses
+import gzip
+import itertools
+import os
+import pathlib
+import zlib
+from typing import Optional, Sequence
+
+import numpy as np
+
+from lego_jax.errors import LegoError
+
+FORMATS = ("movielens-100k", "movielens-1m", "recbole", "lightgcn", "lastfm")
+ML1M_AGE_CODES = (1, 18, 25, 35, 45, 50, 56)
+
+
+@dataclasses.dataclass
+class Interactions:
+  """Raw interactions: codes into `user_ids` / `item_ids` (raw ids, str)."""
+  users: np.ndarray                 # (n,) int64
+  items: np.ndarray                 # (n,) int64
+  user_ids: list[str]
+  item_ids: list[str]
+  ratings: Optional[np.ndarray] = None     # (n,) float64
+  timestamps: Optional[np.ndarray] = None  # (n,) float64
+  fold: Optional[np.ndarray] = None        # (n,) int8: 0 train, 1 valid, 2 test
+  source: str = ""                         # file name, for messages
+
+
+@dataclasses.dataclass
+class UserTable:
+  """Raw user attributes: one row per user id, one str column per attribute.
+
+  `age_kind` says how to read an `age` column: "codes" (ML-1M range codes),
+  "years", or "" (detect from the values).
+  """
+  ids: list[str]
+  columns: dict[str, list[str]]
+  age_kind: str = ""
+  source: str = ""
+
+
+# ---------------------------------------------------------------------------
+# Low-level parsing.
+
+
+def read_bytes(path: os.PathLike) -> bytes:
+  """The whole file (gunzipped where it ends in .gz), with \\r\\n normalised."""
+  path = pathlib.Path(path)
+  try:
+    if path.name.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
+        data = f.read()
+    else:
+      data = path.read_bytes()
+  except FileNotFoundError:
+    raise LegoError(f"{path}: file not found") from None
+  except (OSError, EOFError, zlib.error) as e:
+    raise LegoError(f"{path}: cannot read: {e}") from None
+  return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
+def decode(token: bytes, encoding: str = "utf-8") -> str:
+  try:
+    return token.decode(encoding).strip()
+  except UnicodeDecodeError:
+    return token.decode("latin-1").strip()
+
+
+def _show(line: bytes) -> str:
+  text = decode(line)
+  return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def split_fields(data: bytes, sep: bytes, ncols: int, path, skip: int = 0,
+                 ) -> tuple[list[list[bytes]], np.ndarray]:
+  """Splits lines of exactly `ncols` fields into columns; blank lines are skipped.
+
+  Returns (columns, line_numbers): columns[c][r] is field c of row r (bytes),
+  line_numbers[r] the 1-based line number of row r in the file.
+  """
+  lines = data.split(b"\n")[skip:]
+  counts = np.fromiter(map(bytes.count, lines, itertools.repeat(sep)), np.int64, len(lines))
+  odd = np.flatnonzero(counts != ncols - 1)
+  blank = [i for i in odd.tolist() if not lines[i].strip()]
+  if len(blank) != len(odd):
+    i = next(i for i in odd.tolist() if lines[i].strip())
+    raise LegoError(f"{path}:{i + skip + 1}: expected {ncols} fields separated by "
+                    f"{decode(sep)!r}, got {counts[i] + 1}: {_show(lines[i])}")
+  keep = np.arange(len(lines))
+  if blank:
+    keep = np.delete(keep, blank)
+    lines = [lines[i] for i in keep.tolist()]
+  tokens = sep.join(lines).split(sep) if lines else []
+  columns = [tokens[c::ncols] for c in range(ncols)]
+  return columns, keep + skip + 1
+
+
+def to_float(column: list[bytes], lines: np.ndarray, path, what: str) -> np.ndarray:
+  """Parses a numeric column; a bad value names its file and line."""
+  try:
+    out = np.array(column, dtype=np.float64) if column else np.zeros(0)
+    ok = np.isfinite(out)
+  except ValueError:
+    ok = None
+  if ok is None or not ok.all():
+    for r, token in enumerate(column):
+      try:
+        if np.isfinite(float(token)):
+          continue
+      except ValueError:
+        pass
+      raise LegoError(f"{path}:{lines[r]}: {what} is not a number: {_show(token)}")
+  return out
+
+
+def factorize(column: Sequence[bytes], lines: np.ndarray, path, what: str,
+              encoding: str = "utf-8") -> tuple[np.ndarray, list[str]]:
+  """Raw tokens -> (codes, unique ids as str); an empty id names its line."""
+  index: dict[bytes, int] = {}
+  codes = np.fromiter((index.setdefault(t, len(index)) for t in column), np.int64, len(column))
+  raw = list(index)
+  names = [decode(t, encoding) for t in raw]
+  if "" in names:
+    r = int(np.flatnonzero(codes == names.index(""))[0])
+    raise LegoError(f"{path}:{lines[r]}: empty {what}")
+  if len(set(names)) != len(names):  # ids differing only in surrounding spaces
+    uniq = {n: k for k, n in enumerate(dict.fromkeys(names))}
+    codes = np.array([uniq[n] for n in names], np.int64)[codes]
+    names = list(uniq)
+  return codes, names
+
+
+def read_header(data: bytes, path) -> list[str]:
+  """RecBole header `name:type\\t...` -> field names (types dropped)."""
+  first = data.split(b"\n", 1)[0]
+  fields = [decode(f).split(":", 1)[0].strip() for f in first.split(b"\t")]
+  if not first.strip() or any(not f for f in fields) or len(set(fields)) != len(fields):
+    raise LegoError(f"{path}:1: expected a header of distinct `name:type` fields, got {_show(first)}")
+  return fields
+
+
+def _need(path: pathlib.Path, fmt: str, expected: str) -> pathlib.Path:
+  if not path.is_file():
+    raise LegoError(f"{fmt}: missing {path.name} in {path.parent} (expected {expected})")
+  return path
+
+
+def first_existing(folder: pathlib.Path, names: Sequence[str]) -> Optional[pathlib.Path]:
+  for n in names:
+    if (folder / n).is_file():
+      return folder / n
+  return None
+
+
+# ---------------------------------------------------------------------------
+# Interactions.
+
+
+def _interactions(columns, lines, path, *, user=0, item=1, rating=None, ts=None,
+                  encoding="utf-8") -> Interactions:
+  users, user_ids = factorize(columns[user], lines, path, "user id", encoding)
+  items, item_ids = factorize(columns[item], lines, path, "item id", encoding)
+  ratings = to_float(columns[rating], lines, path, "rating") if rating is not None else None
+  stamps = to_float(columns[ts], lines, path, "timestamp") if ts is not None else None
+  return Interactions(users, items, user_ids, item_ids, ratings, stamps, source=str(path))
+
+
+def read_ml100k_ratings(path) -> Interactions:
+  columns, lines = split_fields(read_bytes(path), b"\t", 4, path)
+  return _interactions(columns, lines, path, rating=2, ts=3)
+
+
+def read_ml1m_ratings(path) -> Interactions:
+  columns, lines = split_fields(read_bytes(path), b"::", 4, path)
+  return _interactions(columns, lines, path, rating=2, ts=3, encoding="latin-1")
+
+
+def read_atomic_inter(path) -> Interactions:
+  """RecBole `.inter`: needs user_id and item_id; uses rating and timestamp if present."""
+  data = read_bytes(path)
+  fields = read_header(data, path)
+  for need in ("user_id", "item_id"):
+    if need not in fields:
+      raise LegoError(f"{path}:1: header lacks {need!r}; fields: {', '.join(fields)}")
+  columns, lines = split_fields(data, b"\t", len(fields), path, skip=1)
+  pick = lambda f: fields.index(f) if f in fields else None
+  return _interactions(columns, lines, path, user=pick("user_id"), item=pick("item_id"),
+                       rating=pick("rating"), ts=pick("timestamp"))
+
+
+def read_lightgcn(folder: pathlib.Path) -> Interactions:
+  """train.txt / valid.txt / test.txt, one `user item item ...` line per user."""
+  _need(folder / "train.txt", "lightgcn", "train.txt [valid.txt] test.txt")
+  user_tok, item_tok, fold = [], [], []
+  for f, name in enumerate(("train.txt", "valid.txt", "test.txt")):
+    path = folder / name
+    if not path.is_file():
+      continue
+    for n, line in enumerate(read_bytes(path).split(b"\n"), 1):
+      tokens = line.split()
+      if not line.isascii() and any(not decode(t) for t in tokens):
+        raise LegoError(f"{path}:{n}: expected `user item item ...`, got {_show(line)}")
+      if len(tokens) > 1:
+        user_tok.extend(itertools.repeat(tokens[0], len(tokens) - 1))
+        item_tok.extend(tokens[1:])
+        fold.extend(itertools.repeat(f, len(tokens) - 1))
+  lines = np.arange(1, len(user_tok) + 1)  # ids are non-empty here: factorize cannot fail
+  users, user_ids = factorize(user_tok, lines, folder, "user id")
+  items, item_ids = factorize(item_tok, lines, folder, "item id")
+  return Interactions(users, items, user_ids, item_ids, fold=np.array(fold, np.int8),
+                      source=str(folder / "train.txt"))
+
+
+def read_lastfm_plays(path) -> Interactions:
+  """user-sha1 \\t artist-mbid \\t artist-name \\t plays; the artist is its mbid, else its name."""
+  columns, lines = split_fields(read_bytes(path), b"\t", 4, path)
+  artists = [m if m.strip() else b"name:" + n for m, n in zip(columns[1], columns[2])]
+  columns = [columns[0], artists, None, columns[3]]
+  return _interactions(columns, lines, path, user=0, item=1, rating=3)
+
+
+# ---------------------------------------------------------------------------
+# User-attribute tables.
+
+
+def _table(columns, lines, path, names, encoding="utf-8", age_kind="") -> UserTable:
+  ids = [decode(t, encoding) for t in columns[0]]
+  seen: dict[str, int] = {}
+  for r, u in enumerate(ids):
+    if not u:
+      raise LegoError(f"{path}:{lines[r]}: empty user id")
+    if u in seen:
+      raise LegoError(f"{path}:{lines[r]}: user {u!r} repeats line {lines[seen[u]]}")
+    seen[u] = r
+  cols = {n: [decode(t, encoding) for t in columns[c]] for c, n in enumerate(names) if c and n}
+  return UserTable(ids, cols, age_kind, str(path))
+
+
+def read_ml100k_users(path) -> UserTable:
+  columns, lines = split_fields(read_bytes(path), b"|", 5, path)
+  return _table(columns, lines, path, ["user_id", "age", "gender", "occupation", "zip"],
+                age_kind="years")
+
+
+def read_ml1m_users(path) -> UserTable:
+  columns, lines = split_fields(read_bytes(path), b"::", 5, path)
+  return _table(columns, lines, path, ["user_id", "gender", "age", "occupation", "zip"],
+                encoding="latin-1", age_kind="codes")
+
+
+def read_atomic_user(path) -> UserTable:
+  data = read_bytes(path)
+  fields = read_header(data, path)
+  if "user_id" not in fields:
+    raise LegoError(f"{path}:1: header lacks 'user_id'; fields: {', '.join(fields)}")
+  columns, lines = split_fields(data, b"\t", len(fields), path, skip=1)
+  k = fields.index("user_id")
+  order = [k] + [c for c in range(len(fields)) if c != k]
+  return _table([columns[c] for c in order], lines, path, [fields[c] for c in order])
+
+
+def read_tsv_users(path) -> UserTable:
+  """A header line (`user_id` first, then one column per attribute); tab or comma separated."""
+  data = read_bytes(path)
+  first = data.split(b"\n", 1)[0]
+  sep = b"\t" if b"\t" in first or b"," not in first else b","
+  names = [decode(f) for f in first.split(sep)]
+  if len(names) < 1 or names[0].lower() not in ("user_id", "user", "userid", "uid"):
+    raise LegoError(f"{path}:1: expected a header starting with user_id, got {_show(first)}")
+  if any(not n for n in names) or len(set(names)) != len(names):
+    raise LegoError(f"{path}:1: header fields must be distinct and non-empty, got {_show(first)}")
+  columns, lines = split_fields(data, sep, len(names), path, skip=1)
+  return _table(columns, lines, path, ["user_id"] + names[1:])
+
+
+def read_lastfm_users(path) -> UserTable:
+  """usersha1-profile.tsv: sha1, gender (m/f), age (years), country, signup date."""
+  columns, lines = split_fields(read_bytes(path), b"\t", 5, path)
+  return _table(columns, lines, path, ["user_id", "gender", "age", "country", "signup"],
+                age_kind="years")
+
+
+def read_users_file(path) -> UserTable:
+  """A user-attribute file in the format its name implies."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise LegoError(f"user-attribute file {path} does not exist")
+  name = path.name
+  if name.endswith((".user", ".user.gz")):
+    return read_atomic_user(path)
+  if name == "u.user":
+    return read_ml100k_users(path)
+  if name in ("users.dat", "users.dat.gz"):
+    return read_ml1m_users(path)
+  if name == "usersha1-profile.tsv":
+    return read_lastfm_users(path)
+  return read_tsv_users(path)
+
+
+# ---------------------------------------------------------------------------
+# Formats: detection and reading a folder.
+
+EXPECTED = {
+    "movielens-100k": "u.data and u.user",
+    "movielens-1m": "ratings.dat[.gz] and users.dat",
+    "recbole": "<name>.inter[.gz] and optionally <name>.user[.gz]",
+    "lightgcn": "train.txt, test.txt, optionally valid.txt and a user TSV with a user_id header",
+    "lastfm": "usersha1-artmbid-artname-plays.tsv and usersha1-profile.tsv",
+}
+
+
+def _atomic_inter(folder: pathlib.Path) -> Optional[pathlib.Path]:
+  preferred = first_existing(folder, [f"{folder.name}.inter", f"{folder.name}.inter.gz"])
+  if preferred:
+    return preferred
+  found = sorted(folder.glob("*.inter")) + sorted(folder.glob("*.inter.gz"))
+  return found[0] if found else None
+
+
+def detect_format(folder: pathlib.Path) -> str:
+  """The format of a dataset folder, from the files it holds."""
+  if _atomic_inter(folder):
+    return "recbole"
+  if (folder / "u.data").is_file():
+    return "movielens-100k"
+  if first_existing(folder, ["ratings.dat", "ratings.dat.gz"]):
+    return "movielens-1m"
+  if (folder / "train.txt").is_file():
+    return "lightgcn"
+  if (folder / "usersha1-artmbid-artname-plays.tsv").is_file():
+    return "lastfm"
+  listing = "; ".join(f"{k}: {v}" for k, v in EXPECTED.items())
+  raise LegoError(f"no dataset files found in {folder}; expected one of: {listing}")
+
+
+def _lightgcn_users(folder: pathlib.Path) -> Optional[pathlib.Path]:
+  """A .tsv/.csv in the folder whose header starts with user_id."""
+  for path in sorted(folder.glob("*.tsv")) + sorted(folder.glob("*.csv")):
+    with open(path, "rb") as f:
+      head = f.readline().strip().lower()
+    if head.startswith((b"user_id\t", b"user_id,")):
+      return path
+  return None
+
+
+def read_folder(folder: pathlib.Path, fmt: str, users_file: Optional[str] = None,
+                ) -> tuple[Interactions, Optional[UserTable]]:
+  """Reads the interactions and the user table (None where there is none)."""
+  users_path = pathlib.Path(users_file) if users_file else None
+  if users_path is not None and not users_path.is_absolute() and not users_path.is_file():
+    users_path = folder / users_path
+  if fmt == "movielens-100k":
+    inter = read_ml100k_ratings(_need(folder / "u.data", fmt, EXPECTED[fmt]))
+    users_path = users_path or _need(folder / "u.user", fmt, EXPECTED[fmt])
+  elif fmt == "movielens-1m":
+    ratings = first_existing(folder, ["ratings.dat", "ratings.dat.gz"])
+    inter = read_ml1m_ratings(ratings or _need(folder / "ratings.dat", fmt, EXPECTED[fmt]))
+    users_path = users_path or _need(folder / "users.dat", fmt, EXPECTED[fmt])
+  elif fmt == "recbole":
+    path = _atomic_inter(folder)
+    if path is None:
+      raise LegoError(f"recbole: no <name>.inter or <name>.inter.gz in {folder}")
+    inter = read_atomic_inter(path)
+    stem = path.name[: path.name.index(".inter")]
+    users_path = users_path or first_existing(folder, [f"{stem}.user", f"{stem}.user.gz"])
+  elif fmt == "lightgcn":
+    inter = read_lightgcn(folder)
+    if not (folder / "test.txt").is_file():
+      raise LegoError(f"lightgcn: missing test.txt in {folder} (expected {EXPECTED[fmt]})")
+    users_path = users_path or _lightgcn_users(folder)
+  elif fmt == "lastfm":
+    plays = _need(folder / "usersha1-artmbid-artname-plays.tsv", fmt, EXPECTED[fmt])
+    inter = read_lastfm_plays(plays)
+    users_path = users_path or _need(folder / "usersha1-profile.tsv", fmt, EXPECTED[fmt])
+  else:
+    from lego_jax.errors import unknown
+    raise unknown("format", fmt, FORMATS)
+  table = read_users_file(users_path) if users_path else None
+  if table is not None and not table.age_kind and fmt == "movielens-1m":
+    table.age_kind = "codes"
+  return inter, table

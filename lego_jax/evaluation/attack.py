@@ -1,0 +1,376 @@
+"""Attribute-inference attackers: how much of each attribute the embeddings leak.
+
+Per attribute, users with a missing label are dropped and classes are
+down-sampled to the smallest class (seeded), so chance is 1/C and BAcc is
+comparable across attributes. Each (attribute, fold) pair is one *task*; all
+tasks are padded to common shapes (rows with a zero weight, classes with a
+large negative logit) and trained by one `jax.vmap`-ed, jitted function, so
+three attributes x five folds is a single compiled program.
+
+Leakage is |BAcc - chance|, two-sided: an attacker that is reliably *wrong*
+has learned the attribute as well (DESIGN.md section 7).
+"""
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lego_jax.config import DEFAULTS
+from lego_jax.errors import LegoError, unknown
+from lego_jax.evaluation import classification_metrics as cm
+
+ATTACKERS = ("mlp", "linear")
+PROTOCOLS = ("cv5", "paper")
+_NEG = -1e9  # logit of a padded class: exp() is exactly 0, no inf - inf NaNs
+
+
+class Tasks(NamedTuple):
+  """Stacked (attribute, fold) tasks; rows index into the embedding matrix."""
+  train_idx: np.ndarray   # (T, Ntr) int32
+  train_y: np.ndarray     # (T, Ntr) int32
+  train_w: np.ndarray     # (T, Ntr) float32, 0 on padding
+  test_idx: np.ndarray    # (T, Nte) int32
+  test_y: np.ndarray      # (T, Nte) int32
+  test_w: np.ndarray      # (T, Nte) float32, 0 on padding
+  class_mask: np.ndarray  # (T, Cmax) bool, True for the attribute's classes
+  fold: np.ndarray        # (T,) int32, fold / split number
+  attr: np.ndarray        # (T,) int32, attribute number
+
+
+# --------------------------------------------------------------------------
+# Balancing and splits (numpy, seeded)
+
+
+def balance(codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Indices of a class-balanced subset: every present class down-sampled to
+  the smallest present class; missing labels (< 0) dropped. Sorted."""
+  codes = np.asarray(codes)
+  present = np.unique(codes[codes >= 0])
+  if present.size == 0:
+    return np.zeros(0, dtype=np.int64)
+  groups = [np.flatnonzero(codes == c) for c in present]
+  m = min(g.size for g in groups)
+  keep = [rng.choice(g, size=m, replace=False) for g in groups]
+  return np.sort(np.concatenate(keep))
+
+
+def stratified_kfold(y: np.ndarray, folds: int, rng: np.random.Generator):
+  """[(train_pos, test_pos)] * folds; each class spread over folds round-robin
+  after a shuffle, so fold sizes per class differ by at most one."""
+  fold_of = np.empty(y.size, dtype=np.int64)
+  for c in np.unique(y):
+    pos = rng.permutation(np.flatnonzero(y == c))
+    # Rotate the start so leftover rows do not all land in fold 0.
+    fold_of[pos] = (np.arange(pos.size) + rng.integers(folds)) % folds
+  return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f))
+          for f in range(folds)]
+
+
+def stratified_splits(y: np.ndarray, n_splits: int, train_frac: float,
+                      rng: np.random.Generator):
+  """[(train_pos, test_pos)] * n_splits random stratified splits, with
+  round(train_frac * n_c) training rows per class (at least one each side)."""
+  out = []
+  classes = np.unique(y)
+  for _ in range(n_splits):
+    train = []
+    for c in classes:
+      pos = np.flatnonzero(y == c)
+      k = int(np.clip(round(train_frac * pos.size), 1, pos.size - 1))
+      train.append(rng.choice(pos, size=k, replace=False))
+    train = np.sort(np.concatenate(train))
+    out.append((train, np.setdiff1d(np.arange(y.size), train)))
+  return out
+
+
+def _config(config: Optional[dict]) -> dict:
+  cfg = dict(DEFAULTS["attack"])
+  for key, value in (config or {}).items():
+    if key not in cfg:
+      raise unknown("attack config field", key, cfg)
+    cfg[key] = value
+  return cfg
+
+
+def _check(embeddings, labels, num_classes, names, attacker, protocol):
+  if attacker not in ATTACKERS:
+    raise unknown("attacker", attacker, ATTACKERS)
+  if protocol not in PROTOCOLS:
+    raise unknown("attack protocol", protocol, PROTOCOLS)
+  x = np.asarray(embeddings, dtype=np.float32)
+  if x.ndim != 2:
+    raise LegoError(f"attack: embeddings must be (users, dim), got shape {x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise LegoError("attack: embeddings contain NaN or inf")
+  y = np.asarray(labels)
+  if y.ndim == 1:
+    y = y[None]
+  if y.ndim != 2 or y.shape[1] != x.shape[0]:
+    raise LegoError(f"attack: labels must be (attributes, {x.shape[0]} users), "
+                    f"got shape {y.shape}")
+  num_classes = [int(c) for c in num_classes]
+  if len(num_classes) != y.shape[0]:
+    raise LegoError(f"attack: {y.shape[0]} label rows but {len(num_classes)} class counts")
+  names = list(names) if names is not None else [f"attr{k}" for k in range(y.shape[0])]
+  if len(names) != y.shape[0] or len(set(names)) != len(names):
+    raise LegoError(f"attack: need {y.shape[0]} distinct attribute names, got {names}")
+  for k, (name, c) in enumerate(zip(names, num_classes)):
+    if y[k].max(initial=-1) >= c or y[k].min(initial=0) < -1:
+      raise LegoError(f"attack: labels of {name} must lie in -1..{c - 1}")
+  return x, y.astype(np.int64), num_classes, names
+
+
+def _attribute_tasks(codes, protocol, cfg, seed):
+  """(balanced indices, [(train_rows, train_y, test_rows, test_y)]) for one
+  attribute; a fresh rng per attribute keeps its result independent of
+  which other attributes are attacked alongside it."""
+  rng = np.random.default_rng(seed)
+  idx = balance(codes, rng)
+  y = codes[idx]
+  if protocol == "cv5":
+    splits = stratified_kfold(y, int(cfg["folds"]), rng)
+  else:
+    splits = stratified_splits(y, int(cfg["paper_splits"]),
+                               float(cfg["paper_train_frac"]), rng)
+  return idx, [(idx[tr], y[tr], idx[te], y[te]) for tr, te in splits]
+
+
+def _pad(rows: list[np.ndarray], width: int, dtype) -> np.ndarray:
+  out = np.zeros((len(rows), width), dtype=dtype)
+  for i, r in enumerate(rows):
+    out[i, :r.size] = r
+  return out
+
+
+def _stack(per_task: list, cmax: int) -> Tasks:
+  """per_task: [(attr, fold, present_classes, train_rows, train_y, test_rows, test_y)]."""
+  ntr = max(t[3].size for t in per_task)
+  nte = max(t[5].size for t in per_task)
+  mask = np.zeros((len(per_task), cmax), dtype=bool)
+  for i, t in enumerate(per_task):
+    mask[i, t[2]] = True
+  return Tasks(
+      train_idx=_pad([t[3] for t in per_task], ntr, np.int32),
+      train_y=_pad([t[4] for t in per_task], ntr, np.int32),
+      train_w=_pad([np.ones(t[3].size) for t in per_task], ntr, np.float32),
+      test_idx=_pad([t[5] for t in per_task], nte, np.int32),
+      test_y=_pad([t[6] for t in per_task], nte, np.int32),
+      test_w=_pad([np.ones(t[5].size) for t in per_task], nte, np.float32),
+      class_mask=mask,
+      fold=np.array([t[1] for t in per_task], dtype=np.int32),
+      attr=np.array([t[0] for t in per_task], dtype=np.int32))
+
+
+def make_tasks(labels, num_classes, protocol, cfg, seed, names):
+  """All (attribute, fold) tasks as a flat list plus the balanced size per
+  attribute. Raises LegoError where an attribute is too small to split."""
+  cmax = max(num_classes)
+  per_task, sizes = [], []
+  need = int(cfg["folds"]) if protocol == "cv5" else 2
+  for k, codes in enumerate(labels):
+    present = np.unique(codes[codes >= 0])
+    counts = [int((codes == c).sum()) for c in present]
+    if present.size < 2 or min(counts) < need:
+      raise LegoError(
+          f"attack: attribute {names[k]} needs at least 2 classes with >= {need} "
+          f"labelled users each for protocol {protocol}; class counts {counts}")
+    idx, splits = _attribute_tasks(codes, protocol, cfg, seed)
+    sizes.append(idx.size)
+    for f, (trr, trl, ter, tel) in enumerate(splits):
+      per_task.append((k, f, present, trr, trl, ter, tel))
+  return per_task, sizes, cmax
+
+
+# --------------------------------------------------------------------------
+# The attacker (one task; vmapped over tasks)
+
+
+def _init(key, dim: int, cmax: int, hidden: int, attacker: str):
+  # One key per class column, so a class's initial weights do not depend on
+  # how far the class axis was padded (Cmax).
+  if attacker == "linear":
+    # Convex problem: zero init, the optimum does not depend on the key.
+    return {"w": jnp.zeros((dim, cmax)), "b": jnp.zeros(cmax)}
+  k1, k2 = jax.random.split(key)
+  cols = jax.vmap(lambda c: jax.random.fold_in(k2, c))(jnp.arange(cmax))
+  w1 = jax.random.normal(k1, (dim, hidden)) * jnp.sqrt(2.0 / dim)
+  w2 = jax.vmap(lambda k: jax.random.normal(k, (hidden,)))(cols).T
+  return {"w1": w1, "b1": jnp.zeros(hidden),
+          "w2": w2 * jnp.sqrt(1.0 / hidden), "b2": jnp.zeros(cmax)}
+
+
+def _logits(params, x):
+  if "w" in params:
+    return x @ params["w"] + params["b"]
+  h = jax.nn.relu(x @ params["w1"] + params["b1"])
+  return h @ params["w2"] + params["b2"]
+
+
+def train_and_predict(x, train_idx, train_y, train_w, test_idx, class_mask, key,
+                      *, attacker: str, hidden: int, l2: float, lr: float,
+                      steps: int):
+  """Fits one attacker on the weighted training rows of `x` and returns the
+  predicted class probabilities (Nte, Cmax) of the test rows.
+
+  Features are standardised with the training rows' weighted mean and
+  standard deviation; the loss is weighted mean cross-entropy plus
+  0.5 * l2 * ||weights||^2 (biases not penalised); `steps` full-batch Adam
+  steps. Padded classes get a -1e9 logit, so they never receive probability.
+  """
+  xtr, xte = x[train_idx], x[test_idx]
+  w = train_w
+  wsum = jnp.maximum(w.sum(), 1.0)
+  mu = (w[:, None] * xtr).sum(0) / wsum
+  var = (w[:, None] * (xtr - mu) ** 2).sum(0) / wsum
+  sd = jnp.sqrt(var + 1e-12)
+  sd = jnp.where(sd > 1e-6, sd, 1.0)  # a constant feature stays 0, not NaN
+  xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+  offset = jnp.where(class_mask, 0.0, _NEG)
+  params = _init(key, x.shape[1], class_mask.shape[0], hidden, attacker)
+
+  def loss_fn(p):
+    logp = jax.nn.log_softmax(_logits(p, xtr) + offset)
+    ce = -jnp.take_along_axis(logp, train_y[:, None], axis=1)[:, 0]
+    reg = sum(jnp.sum(v ** 2) for k, v in p.items() if k.startswith("w"))
+    return (w * ce).sum() / wsum + 0.5 * l2 * reg
+
+  opt = optax.adam(lr)
+
+  def step(carry, _):
+    p, s = carry
+    g = jax.grad(loss_fn)(p)
+    u, s = opt.update(g, s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+  return jax.nn.softmax(_logits(params, xte) + offset)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(attacker: str, hidden: int, l2: float, lr: float, steps: int,
+              vmapped: bool):
+  fn = functools.partial(train_and_predict, attacker=attacker, hidden=hidden,
+                         l2=l2, lr=lr, steps=steps)
+  if vmapped:
+    fn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))
+  return jax.jit(fn)
+
+
+def _keys(seed: int, folds: np.ndarray):
+  base = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda f: jax.random.fold_in(base, f))(jnp.asarray(folds))
+
+
+def _hyper(cfg: dict, attacker: str):
+  return (attacker, int(cfg["hidden"]), float(cfg["l2"]), float(cfg["lr"]),
+          int(cfg["steps"]))
+
+
+def predict_vmapped(x, tasks: Tasks, seed: int, cfg: dict, attacker: str):
+  """Probabilities (T, Nte, Cmax) of every task in one compiled call."""
+  fn = _compiled(*_hyper(cfg, attacker), True)
+  return fn(jnp.asarray(x), tasks.train_idx, tasks.train_y, tasks.train_w,
+            tasks.test_idx, tasks.class_mask, _keys(seed, tasks.fold))
+
+
+def predict_looped(x, per_task: list, cmax: int, seed: int, cfg: dict,
+                   attacker: str):
+  """The same per-task function in a Python loop; tasks of one attribute are
+  padded to a common shape among themselves only (one compile per attribute),
+  as a loop-based implementation would. Returns [(Tasks_of_attr, probs)]."""
+  fn = _compiled(*_hyper(cfg, attacker), False)
+  x = jnp.asarray(x)
+  out = []
+  for k in sorted({t[0] for t in per_task}):
+    tasks = _stack([t for t in per_task if t[0] == k], cmax)
+    keys = _keys(seed, tasks.fold)
+    probs = [fn(x, tasks.train_idx[i], tasks.train_y[i], tasks.train_w[i],
+                tasks.test_idx[i], tasks.class_mask[i], keys[i])
+             for i in range(len(tasks.fold))]
+    out.append((tasks, jnp.stack(probs)))
+  return out
+
+
+# --------------------------------------------------------------------------
+# Metrics and the public entry point
+
+
+def _summarise(per_attr_folds, n_classes_present, sizes, names):
+  out = {}
+  for k, name in enumerate(names):
+    rows = np.array(per_attr_folds[k], dtype=np.float64)  # (folds, 3)
+    bacc = float(rows[:, 0].mean())
+    chance = 1.0 / n_classes_present[k]
+    lo, hi = cm.ci95(rows[:, 0])
+    out[name] = {
+        "bacc": bacc,
+        "macro_f1": float(rows[:, 1].mean()),
+        "auc": float(np.nanmean(rows[:, 2])),
+        "chance": float(chance),
+        "leakage": cm.leakage(bacc, n_classes_present[k]),
+        "ci95": [float(lo), float(hi)],
+        "n": int(sizes[k]),
+        "folds": int(rows.shape[0]),
+    }
+  return out
+
+
+def attack_probs(embeddings, labels, num_classes, *, attacker="mlp",
+                 protocol="cv5", seed=0, config=None, names=None, vmap=True):
+  """The raw attacker output, before metrics: ([(tasks, probs)], labels,
+  balanced sizes, names). One (tasks, probs (T, Nte, Cmax)) pair for the
+  vmapped path, one per attribute for the looped path."""
+  x, y, num_classes, names = _check(embeddings, labels, num_classes, names,
+                                    attacker, protocol)
+  cfg = _config(config)
+  per_task, sizes, cmax = make_tasks(y, num_classes, protocol, cfg, seed, names)
+  if vmap:
+    tasks = _stack(per_task, cmax)
+    results = [(tasks, predict_vmapped(x, tasks, seed, cfg, attacker))]
+  else:
+    results = predict_looped(x, per_task, cmax, seed, cfg, attacker)
+  return results, y, sizes, names
+
+
+def attack(embeddings, labels, num_classes: Sequence[int], *, attacker: str = "mlp",
+           protocol: str = "cv5", seed: int = 0, config: Optional[dict] = None,
+           names: Optional[Sequence[str]] = None, vmap: bool = True) -> dict[str, dict]:
+  """Attacks every attribute; returns {name: {"bacc", "macro_f1", "auc",
+  "chance", "leakage", "ci95", "n", "folds"}} with plain Python numbers.
+
+  embeddings: (n, D); labels: (K, n) ints, -1 = missing; num_classes: K ints;
+  config: fields of config["attack"] (missing ones from the defaults).
+  Metrics are means over folds (cv5) or splits (paper); ci95 is a t-interval
+  of BAcc over them; leakage = |mean BAcc - chance|, chance = 1/(number of
+  classes with labelled users). `vmap=False` runs the same per-task function
+  in a Python loop (for checks and benchmarks).
+  """
+  return summarise(*attack_probs(
+      embeddings, labels, num_classes, attacker=attacker, protocol=protocol,
+      seed=seed, config=config, names=names, vmap=vmap))
+
+
+def attack_loop(embeddings, labels, num_classes, **kwargs) -> dict[str, dict]:
+  """`attack` with one compiled call per (attribute, fold), in a Python loop."""
+  return attack(embeddings, labels, num_classes, vmap=False, **kwargs)
+
+
+def summarise(results, labels, sizes, names) -> dict[str, dict]:
+  """Per-fold metrics from attacker probabilities, averaged per attribute."""
+  per_attr = {k: [] for k in range(len(names))}
+  for tasks, probs in results:
+    probs = np.asarray(probs)
+    for i in range(len(tasks.fold)):
+      keep = tasks.test_w[i] > 0
+      yt = tasks.test_y[i][keep]
+      p = probs[i][keep].astype(np.float64)
+      pred = np.argmax(p, axis=1)
+      per_attr[int(tasks.attr[i])].append(
+          (cm.balanced_accuracy(yt, pred), cm.macro_f1(yt, pred),
+           cm.macro_auc_ovr(yt, p)))
+  present = [np.unique(labels[k][labels[k] >= 0]).size for k in range(len(names))]
+  return _summarise(per_attr, present, sizes, names)

@@ -1,0 +1,170 @@
+"""Training a backbone: one jit-compiled function per epoch, early stopping, resumable.
+
+An epoch shuffles the training pairs, samples `negatives` uniform random items
+per positive, and runs `lax.scan` over minibatches with an optax Adam step.
+Every random choice derives from `config["seed"]`. With `ckpt_dir`, the whole
+training state is saved with Orbax after every epoch and a later call resumes
+from it, giving the same final params as an uninterrupted run.
+"""
+
+import math
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from lego_jax import checkpoint
+from lego_jax.data.dataset import Split
+from lego_jax.errors import LegoError, unknown
+from lego_jax.evaluation import ranking
+from lego_jax.models.base import Model
+
+
+class TrainResult(NamedTuple):
+  params: Any          # the best params (by the validation metric)
+  aux: Any
+  history: list        # one dict per epoch: epoch, loss, seconds, and the metric where evaluated
+  best_epoch: int      # 1-based; 0 where no epoch ran
+
+
+def make_optimizer(train_cfg: dict) -> optax.GradientTransformation:
+  return optax.adam(float(train_cfg["lr"]))
+
+
+def make_epoch(model: Model, optimizer: optax.GradientTransformation, *, n_items: int,
+               batch_size: int, negatives: int) -> Callable:
+  """An (unjitted) epoch: (params, opt_state, aux, train_pairs (k,2), key) -> (params, opt_state, mean loss).
+
+  The last minibatch is filled up by wrapping around the shuffled order, so all
+  minibatches have one shape and the scan compiles once.
+  """
+
+  def step(carry, batch):
+    params, opt_state, aux = carry
+    pairs, neg = batch
+    loss, grads = jax.value_and_grad(model.loss)(params, aux, pairs[:, 0], pairs[:, 1], neg)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, aux), loss
+
+  def epoch(params, opt_state, aux, train_pairs, key):
+    n = train_pairs.shape[0]
+    bs = min(batch_size, n)
+    n_batches = -(-n // bs)
+    k_perm, k_neg = jax.random.split(key)
+    order = jnp.resize(jax.random.permutation(k_perm, n), (n_batches * bs,))
+    batches = train_pairs[order].reshape(n_batches, bs, 2)
+    neg = jax.random.randint(k_neg, (n_batches, bs, negatives), 0, n_items, dtype=jnp.int32)
+    (params, opt_state, _), losses = jax.lax.scan(step, (params, opt_state, aux), (batches, neg))
+    return params, opt_state, jnp.mean(losses)
+
+  return epoch
+
+
+def parse_metric(metric: str) -> tuple[str, int]:
+  name, _, k = metric.partition("@")
+  if name not in ranking.METRICS or not k.isdigit() or int(k) < 1:
+    raise unknown("train.metric", metric, [f"{m}@10" for m in ranking.METRICS])
+  return metric, int(k)
+
+
+def _state_tree(params, opt_state, best, key):
+  # Optax states are tuples of NamedTuples; save their leaves under ordered keys
+  # and rebuild the structure from a fresh `optimizer.init` on restore.
+  opt = {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
+  return {"params": params, "best": best, "opt": opt, "key": key}
+
+
+def _like(template, restored):
+  return jax.tree.map(lambda t, r: jnp.asarray(r, dtype=jnp.asarray(t).dtype), template, restored)
+
+
+def train(model: Model, split: Split, config: dict, *, ckpt_dir=None, progress: bool = True,
+          max_epochs_this_call: Optional[int] = None) -> TrainResult:
+  """Trains `model` on `split.train`, early-stopping on `config["train"]["metric"]` on valid.
+
+  `max_epochs_this_call` stops after that many epochs without marking the run
+  finished (a later call with the same `ckpt_dir` continues it).
+  """
+  tc = config["train"]
+  metric, k = parse_metric(tc["metric"])
+  epochs, patience = int(tc["epochs"]), int(tc["patience"])
+  eval_every = max(1, int(tc["eval_every"]))
+  batch_users = int(config.get("eval", {}).get("batch_users", 1024))
+  n_users, n_items = split.n_users, split.n_items
+  if len(split.train) == 0:
+    raise LegoError("the training split is empty")
+
+  key = jax.random.PRNGKey(int(config["seed"]))
+  k_init, key = jax.random.split(key)
+  params = model.init(k_init, n_users, n_items)
+  aux = model.build_aux(np.asarray(split.train), n_users, n_items)
+  optimizer = make_optimizer(tc)
+  opt_state = optimizer.init(params)
+  best = params
+  meta = {"backbone": model.name, "split": split.fingerprint, "n_users": n_users,
+          "n_items": n_items, "epoch": 0, "history": [], "best_epoch": 0,
+          "best_metric": None, "bad": 0, "done": False}
+
+  if ckpt_dir is not None and checkpoint.exists(ckpt_dir):
+    tree, saved = checkpoint.restore(ckpt_dir)
+    for field in ("backbone", "split", "n_users", "n_items"):
+      if saved.get(field) != meta[field]:
+        raise LegoError(f"checkpoint {ckpt_dir} was made with {field}={saved.get(field)!r}, "
+                        f"not {meta[field]!r}; use another workdir")
+    opt_leaves = [tree["opt"][name] for name in sorted(tree["opt"])]
+    opt_def = jax.tree.structure(opt_state)
+    opt_state = jax.tree.unflatten(opt_def, [jnp.asarray(x) for x in opt_leaves])
+    params, best = _like(params, tree["params"]), _like(params, tree["best"])
+    key = jnp.asarray(tree["key"], jnp.uint32)
+    meta = saved
+
+  history = list(meta["history"])
+  best_metric = -math.inf if meta["best_metric"] is None else meta["best_metric"]
+  has_valid = len(split.valid) > 0
+  epoch_fn = jax.jit(make_epoch(model, optimizer, n_items=n_items,
+                                batch_size=int(tc["batch_size"]), negatives=int(tc["negatives"])))
+  score = jax.jit(model.score)
+  train_pairs = jnp.asarray(split.train, jnp.int32)
+
+  bar = tqdm.tqdm(total=epochs, initial=meta["epoch"], disable=not progress,
+                  desc=f"train {model.name}", unit="epoch")
+  ran = 0
+  while not meta["done"] and meta["epoch"] < epochs:
+    if max_epochs_this_call is not None and ran >= max_epochs_this_call:
+      break
+    t0 = time.perf_counter()
+    key, sub = jax.random.split(key)
+    params, opt_state, loss = epoch_fn(params, opt_state, aux, train_pairs, sub)
+    loss = float(loss)
+    ep = meta["epoch"] + 1
+    record = {"epoch": ep, "loss": loss, "train_seconds": time.perf_counter() - t0}
+    if not np.isfinite(loss):
+      raise LegoError(f"training loss became {loss} at epoch {ep}; lower train.lr")
+    if not has_valid:
+      best, meta["best_epoch"] = params, ep
+    elif ep % eval_every == 0 or ep == epochs:
+      value = ranking.evaluate(lambda u: score(params, aux, u), split, stage="valid",
+                               ks=(k,), batch_users=batch_users)[metric]
+      record[metric] = value
+      if value > best_metric:
+        best, best_metric, meta["best_epoch"], meta["bad"] = params, value, ep, 0
+      else:
+        meta["bad"] += 1
+      bar.set_postfix(loss=f"{loss:.4f}", **{metric: f"{value:.4f}"})
+    else:
+      bar.set_postfix(loss=f"{loss:.4f}")
+    record["seconds"] = time.perf_counter() - t0
+    history.append(record)
+    meta.update(epoch=ep, history=history,
+                best_metric=None if best_metric == -math.inf else best_metric,
+                done=bool(ep >= epochs or (has_valid and meta["bad"] >= patience)))
+    if ckpt_dir is not None:
+      checkpoint.save(ckpt_dir, _state_tree(params, opt_state, best, key), meta)
+    bar.update(1)
+    ran += 1
+  bar.close()
+  return TrainResult(best, aux, history, int(meta["best_epoch"]))

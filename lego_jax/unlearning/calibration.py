@@ -1,0 +1,244 @@
+"""Embedding Calibration: one attribute's brick, vmapped over attributes.
+
+`calibrate_one` is a pure function of one attribute's labels and
+hyper-parameters: it runs `steps` optimiser steps (a `lax.scan`) from the
+original table E0 and returns the calibrated table's offset D = E - E0 (a
+"brick"). `calibrate` `jax.vmap`s it over the attribute axis, so K attributes
+are one compiled program; per-attribute hyper-parameters are arrays on that
+axis. The scan runs in chunks so a caller can checkpoint between them and an
+interrupted calibration resumes where it stopped.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from lego_jax.errors import LegoError, unknown
+from lego_jax.unlearning import calibrators, losses
+
+LOSSES = ("mmd", "d2d", "adversarial")
+STOPS = ("null", "steps")
+ADV_HIDDEN = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """The static part of calibration (hashable: it selects the compiled program)."""
+  num_classes: int            # classes padded to the largest attribute's count
+  steps: int = 100
+  batch_users: int = 1024     # class-stratified minibatch; 0 = all users
+  loss: str = "mmd"
+  calibrator: str = "table"
+  stop: str = "null"          # null: no MI gradient once the MI estimate is at its permuted-label level
+  margin: float = 0.05
+  chunk: int = 0              # steps per compiled chunk (0 = all at once)
+
+  def __post_init__(self):
+    if self.loss not in LOSSES:
+      raise unknown("unlearning loss", self.loss, LOSSES)
+    if self.stop not in STOPS:
+      raise unknown("stopping rule", self.stop, STOPS)
+    calibrators.get(self.calibrator)
+    if self.steps < 0:
+      raise LegoError(f"unlearn.steps must be >= 0, got {self.steps}")
+
+  @classmethod
+  def from_config(cls, cfg: dict, num_classes: int, chunk: int = 0) -> "Spec":
+    return cls(num_classes=num_classes, steps=cfg["steps"], batch_users=cfg["batch_users"],
+               loss=cfg["loss"], calibrator=cfg["calibrator"], stop=cfg["stop"],
+               margin=cfg["margin"], chunk=chunk)
+
+
+class HParams(NamedTuple):
+  """Per-attribute weights; each leaf a scalar (one attribute) or (K,) array."""
+  w_mi: Any
+  lam_rank: Any
+  l2: Any
+  lr: Any
+
+  @classmethod
+  def from_config(cls, cfg: dict, k: int) -> "HParams":
+    return cls(*(jnp.full((k,), float(cfg[f]), jnp.float32) for f in cls._fields))
+
+
+class Target(NamedTuple):
+  """What calibration needs of the trained model, shared by all attributes."""
+  e0: jax.Array               # (n, D) original user table
+  topk: jax.Array             # (n, T) each user's original top-T unseen items, best first
+
+
+class State(NamedTuple):
+  params: Any                 # the calibrator's params
+  opt_state: Any
+  adv: Any                    # auxiliary classifier (adversarial loss), else ()
+  adv_opt: Any
+  key: jax.Array
+  step: jax.Array
+
+
+class Trace(NamedTuple):
+  """Per-step values, for monitoring and for the stopping rule's report."""
+  mi: jax.Array
+  null: jax.Array
+  rank: jax.Array
+
+
+# `score_fn(table, users (B,), items (B, T)) -> (B, T)`: the frozen backbone
+# scoring with a substituted user table.
+ScoreFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _adam(lr):
+  return optax.chain(optax.scale_by_adam(), optax.scale(-1.0), optax.scale(lr))
+
+
+def _adv_init(key, d, c):
+  k1, k2 = jax.random.split(key)
+  return {"w1": jax.random.normal(k1, (d, ADV_HIDDEN)) / jnp.sqrt(d), "b1": jnp.zeros(ADV_HIDDEN),
+          "w2": jax.random.normal(k2, (ADV_HIDDEN, c)) / jnp.sqrt(ADV_HIDDEN), "b2": jnp.zeros(c)}
+
+
+def _adv_apply(p, e):
+  return jax.nn.relu(e @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def stratified_batch(key, y, size: int):
+  """`size` users drawn systematically from a class-sorted random order.
+
+  Every class appears in proportion to its size (so the batch marginal matches
+  the population's) and each step sees different users. Returns indices and a
+  mask of users with a label.
+  """
+  n = y.shape[0]
+  k1, k2 = jax.random.split(key)
+  valid = y >= 0
+  n_valid = jnp.maximum(valid.sum(), 1)
+  sort_key = jnp.where(valid, y, jnp.iinfo(jnp.int32).max // 2).astype(jnp.float32)
+  order = jnp.argsort(sort_key + jax.random.uniform(k1, (n,)))
+  pos = jnp.floor((jnp.arange(size) + jax.random.uniform(k2)) * n_valid / size).astype(jnp.int32)
+  users = order[jnp.minimum(pos, n - 1)]
+  return users, valid[users].astype(jnp.float32)
+
+
+def init_state(key, e0, spec: Spec, lr) -> State:
+  cal = calibrators.get(spec.calibrator)
+  k_cal, k_adv, key = jax.random.split(key, 3)
+  params = cal.init(k_cal, e0)
+  if spec.loss == "adversarial":
+    adv = _adv_init(k_adv, e0.shape[-1], spec.num_classes)
+    adv_opt = optax.adam(1e-2).init(adv)
+  else:
+    adv, adv_opt = (), ()
+  return State(params, _adam(lr).init(params), adv, adv_opt, key, jnp.zeros((), jnp.int32))
+
+
+def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score_fn: ScoreFn,
+              n_steps: int) -> tuple[State, Trace]:
+  """`n_steps` optimiser steps for one attribute; steps past `spec.steps` are no-ops."""
+  cal = calibrators.get(spec.calibrator)
+  e0, topk = target
+  n = e0.shape[0]
+  full = spec.batch_users <= 0 or spec.batch_users >= n
+  tx = _adam(hp.lr)
+
+  def objective(params, users, m, perm, adv):
+    table = cal.table(params, e0)
+    e = table[users]
+    yb = y[users]
+    if spec.loss == "adversarial":
+      mi = losses.prior_kl(_adv_apply(adv, e), yb, m, spec.num_classes)
+      null = jnp.zeros(())
+      mi_term = mi
+    else:
+      mi_fn = losses.MI_LOSSES[spec.loss]
+      k = losses.rbf_kernel(e, m)
+      mi = mi_fn(e, yb, m, spec.num_classes, k)
+      # The estimator's level on permuted labels: what "no information" looks
+      # like at this batch size. Pushing below it is the overshoot of §7.
+      null = jax.lax.stop_gradient(mi_fn(e, yb[perm], m[perm], spec.num_classes, k))
+      mi_term = jax.nn.relu(mi - null) if spec.stop == "null" else mi
+    rank = losses.rank_hinge(score_fn(table, users, topk[users]), spec.margin)
+    pull = losses.l2_pull(e, e0[users])
+    total = hp.w_mi * mi_term + hp.lam_rank * rank + hp.l2 * pull
+    return total, (e, Trace(mi, null, rank))
+
+  def step(state: State, _):
+    key, k_batch, k_perm = jax.random.split(state.key, 3)
+    if full:
+      users = jnp.arange(n)
+      m = (y >= 0).astype(jnp.float32)
+    else:
+      users, m = stratified_batch(k_batch, y, spec.batch_users)
+    perm = jax.random.permutation(k_perm, users.shape[0])
+    grads, (e, trace) = jax.grad(objective, has_aux=True)(state.params, users, m, perm, state.adv)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    live = state.step < spec.steps
+    params = jax.tree.map(lambda p, u: p + jnp.where(live, u, 0.0), state.params, updates)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(live, new, old), opt_state, state.opt_state)
+    adv, adv_opt = state.adv, state.adv_opt
+    if spec.loss == "adversarial":
+      e = jax.lax.stop_gradient(e)
+      adv_tx = optax.adam(1e-2)
+      g_adv = jax.grad(lambda a: losses.cross_entropy(_adv_apply(a, e), y[users], m))(adv)
+      upd, adv_opt = adv_tx.update(g_adv, adv_opt, adv)
+      adv = optax.apply_updates(adv, upd)
+    return State(params, opt_state, adv, adv_opt, key, state.step + live.astype(jnp.int32)), trace
+
+  return jax.lax.scan(step, state, None, length=n_steps)
+
+
+def calibrate_one(e0, topk, y, hp: HParams, key, *, spec: Spec, score_fn: ScoreFn):
+  """One attribute, all steps: returns (brick (n, D), final State, Trace)."""
+  target = Target(e0, topk)
+  state = init_state(key, e0, spec, hp.lr)
+  state, trace = run_steps(state, y, hp, target, spec=spec, score_fn=score_fn, n_steps=spec.steps)
+  return brick(state, e0, spec), state, trace
+
+
+def brick(state: State, e0, spec: Spec) -> jax.Array:
+  return calibrators.get(spec.calibrator).table(state.params, e0) - e0
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "score_fn", "n_steps"))
+def _chunk(states, labels, hps, target, *, spec, score_fn, n_steps):
+  run = functools.partial(run_steps, spec=spec, score_fn=score_fn, n_steps=n_steps)
+  return jax.vmap(run, in_axes=(0, 0, 0, None))(states, labels, hps, target)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _init(keys, e0, lrs, *, spec):
+  return jax.vmap(lambda k, lr: init_state(k, e0, spec, lr))(keys, lrs)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _bricks(states, e0, *, spec):
+  return jax.vmap(lambda s: brick(s, e0, spec))(states)
+
+
+def calibrate(target: Target, labels, hps: HParams, keys, *, spec: Spec, score_fn: ScoreFn,
+              state: Optional[State] = None,
+              on_chunk: Optional[Callable[[State], None]] = None) -> tuple[jax.Array, State, Trace]:
+  """All attributes at once: labels (K, n), hps leaves (K,), keys (K, 2).
+
+  Returns bricks (K, n, D), the final stacked State and the Trace of the last
+  chunk (K, chunk). A `state` from an interrupted run continues it; `on_chunk`
+  is called with the state after every chunk (to checkpoint it).
+  """
+  labels = jnp.asarray(labels, jnp.int32)
+  chex.assert_rank(labels, 2)
+  chex.assert_equal_shape_prefix([labels, keys], 1)
+  chex.assert_axis_dimension(labels, 1, target.e0.shape[0])
+  if state is None:
+    state = _init(keys, target.e0, hps.lr, spec=spec)
+  chunk = spec.chunk if 0 < spec.chunk < spec.steps else max(spec.steps, 1)
+  trace = None
+  while trace is None or int(jnp.min(state.step)) < spec.steps:
+    state, trace = _chunk(state, labels, hps, target, spec=spec, score_fn=score_fn, n_steps=chunk)
+    if on_chunk is not None:
+      on_chunk(state)
+  return _bricks(state, target.e0, spec=spec), state, trace

@@ -1,0 +1,125 @@
+"""Flexible Combination: merge the active bricks into one table.
+
+  E* = E0 + sum_{k active} W_k * D_k
+
+Only the weights W are learned (per attribute and dimension, `dim`; one per
+attribute, `scalar`; or a convex combination of the calibrated tables,
+`convex`), minimising the active attributes' MI surrogates plus the ranking
+regulariser. The active set is a mask, not a shape, so one compiled function
+serves every request set over the same stored bricks.
+"""
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from lego_jax.errors import LegoError, unknown
+from lego_jax.unlearning import losses
+
+MODES = ("dim", "scalar", "convex")
+INITS = ("uniform", "ones")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  num_classes: int
+  mode: str = "dim"
+  steps: int = 100
+  batch_users: int = 1024
+  loss: str = "mmd"           # mmd | d2d (an adversarial calibration is combined with mmd)
+  stop: str = "null"
+  margin: float = 0.05
+  init: str = "uniform"
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise unknown("combination mode", self.mode, MODES)
+    if self.init not in INITS:
+      raise unknown("combination init", self.init, INITS)
+    if self.steps < 0:
+      raise LegoError(f"combine.steps must be >= 0, got {self.steps}")
+
+  @classmethod
+  def from_config(cls, cfg: dict, unlearn_cfg: dict, num_classes: int) -> "Spec":
+    loss = unlearn_cfg["loss"] if unlearn_cfg["loss"] in losses.MI_LOSSES else "mmd"
+    return cls(num_classes=num_classes, mode=cfg["mode"], steps=cfg["steps"],
+               batch_users=unlearn_cfg["batch_users"], loss=loss, stop=unlearn_cfg["stop"],
+               margin=unlearn_cfg["margin"], init=cfg["init"])
+
+
+class HParams(NamedTuple):
+  w_mi: float
+  lam_rank: float
+  lr: float
+
+  @classmethod
+  def from_config(cls, cfg: dict) -> "HParams":
+    return cls(float(cfg["w_mi"]), float(cfg["lam_rank"]), float(cfg["lr"]))
+
+
+def init_weights(active, dim: int, spec: Spec) -> jax.Array:
+  """Starting weights (K, dim) or (K, 1): 1/|R| or 1 on active bricks."""
+  k = active.shape[0]
+  width = dim if spec.mode == "dim" else 1
+  if spec.mode == "convex":
+    return jnp.zeros((k, 1))   # softmax logits: equal weights
+  value = 1.0 / jnp.maximum(active.sum(), 1.0) if spec.init == "uniform" else 1.0
+  return jnp.full((k, width), 1.0) * value
+
+
+def coefficients(w, active, mode: str) -> jax.Array:
+  """The per-brick multipliers (K, width) with inactive bricks zeroed."""
+  active = active.astype(w.dtype)
+  if mode == "convex":
+    logits = jnp.where(active[:, None] > 0, w, -jnp.inf)
+    return jnp.where(active[:, None] > 0, jax.nn.softmax(logits, axis=0), 0.0)
+  return w * active[:, None]
+
+
+def combine(w, e0, bricks, active, mode: str) -> jax.Array:
+  """E* = E0 + sum_k coef_k * D_k; bricks (K, n, D)."""
+  coef = coefficients(w, active, mode)
+  return e0 + jnp.einsum("kd,knd->nd", jnp.broadcast_to(coef, (coef.shape[0], bricks.shape[-1])), bricks)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "score_fn"))
+def fit(e0, bricks, labels, active, topk, key, hp: HParams, *, spec: Spec,
+        score_fn: Callable) -> tuple[jax.Array, jax.Array, dict]:
+  """Learns the weights for the active bricks; returns (weights, E*, trace)."""
+  chex.assert_rank([e0, bricks, labels], [2, 3, 2])
+  n = e0.shape[0]
+  batch = n if spec.batch_users <= 0 else min(spec.batch_users, n)
+  mi_fn = losses.MI_LOSSES[spec.loss]
+  tx = optax.adam(hp.lr)
+  w = init_weights(active, e0.shape[1], spec)
+
+  def objective(w, users, perm):
+    table = combine(w, e0, bricks, active, spec.mode)
+    e = table[users]
+    ys = labels[:, users]
+    ms = (ys >= 0).astype(e.dtype)
+    k = losses.rbf_kernel(e, jnp.ones(users.shape[0]))
+    per_attr = jax.vmap(lambda y, m: mi_fn(e, y, m, spec.num_classes, k))
+    mi = per_attr(ys, ms)
+    null = jax.lax.stop_gradient(per_attr(ys[:, perm], ms[:, perm]))
+    gap = jax.nn.relu(mi - null) if spec.stop == "null" else mi
+    rank = losses.rank_hinge(score_fn(table, users, topk[users]), spec.margin)
+    total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
+    return total, {"mi": mi, "null": null, "rank": rank}
+
+  def step(carry, key):
+    w, opt = carry
+    k_batch, k_perm = jax.random.split(key)
+    users = jax.random.permutation(k_batch, n)[:batch]
+    perm = jax.random.permutation(k_perm, batch)
+    g, trace = jax.grad(objective, has_aux=True)(w, users, perm)
+    upd, opt = tx.update(g, opt, w)
+    return (optax.apply_updates(w, upd), opt), trace
+
+  (w, _), trace = jax.lax.scan(step, (w, tx.init(w)), jax.random.split(key, spec.steps))
+  return w, combine(w, e0, bricks, active, spec.mode), trace
