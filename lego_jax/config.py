@@ -77,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "margin": 0.05,
         "rank_batch": 1024,
         "stop": "null",           # null | steps
+        "ckpt_every": 50,         # steps between checkpoints of a calibration in progress
     },
     "combine": {
         "mode": "dim",            # dim | scalar | convex
@@ -126,7 +127,8 @@ def find(name: str) -> pathlib.Path:
   raise unknown("config", name, available())
 
 
-def _merge(base: dict, over: dict, where: str = "") -> dict:
+def merge(base: dict, over: dict, where: str = "") -> dict:
+  """`over` merged into a copy of `base`; unknown fields and wrong types are refused."""
   out = copy.deepcopy(base)
   for key, value in over.items():
     path = f"{where}{key}"
@@ -135,7 +137,7 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
     if isinstance(base[key], dict):
       if not isinstance(value, dict):
         raise LegoError(f"config field {path} must be a table, got {value!r}")
-      out[key] = _merge(base[key], value, path + ".")
+      out[key] = merge(base[key], value, path + ".")
     else:
       out[key] = _check_type(path, base[key], value)
   return out
@@ -185,11 +187,11 @@ def resolve(name: str | None = None, overrides=()) -> dict:
     path = find(name)
     try:
       with open(path, "rb") as f:
-        config = _merge(config, tomllib.load(f))
+        config = merge(config, tomllib.load(f))
     except tomllib.TOMLDecodeError as e:
       raise LegoError(f"{path}: {e}") from None
   for text in overrides:
-    config = _merge(config, parse_override(text))
+    config = merge(config, parse_override(text))
   return config
 
 

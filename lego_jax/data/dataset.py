@@ -48,6 +48,7 @@ class Dataset:
   attributes: dict[str, Attribute]
   fold: Optional[np.ndarray] = None
   fingerprint: str = ""
+  timestamps: Optional[np.ndarray] = None  # (nnz,) float64, latest per pair, where known
 
   @property
   def n_users(self) -> int:
@@ -60,6 +61,10 @@ class Dataset:
   @property
   def n_interactions(self) -> int:
     return len(self.users)
+
+  @property
+  def attribute_names(self) -> list[str]:
+    return list(self.attributes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -303,10 +303,10 @@ def read_users_file(path) -> UserTable:
   if not path.is_file():
     raise LegoError(f"user-attribute file {path} does not exist")
   name = path.name
+  if name in ("u.user", "u.user.gz"):
+    return read_ml100k_users(path)
   if name.endswith((".user", ".user.gz")):
     return read_atomic_user(path)
-  if name == "u.user":
-    return read_ml100k_users(path)
   if name in ("users.dat", "users.dat.gz"):
     return read_ml1m_users(path)
   if name == "usersha1-profile.tsv":

@@ -1,0 +1,205 @@
+"""What each command does, on top of the library; the CLI only parses arguments.
+
+`train_and_evaluate(config, workdir)` is the main job (`lego-jax run`):
+data -> backbone -> attack original -> LEGO and the baselines -> evaluation
+and attacks of every result -> results.json, report.md and plots.
+"""
+
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from lego_jax import config as config_lib, data
+from lego_jax.errors import LegoError, unknown
+from lego_jax.evaluation import attack as attack_lib
+from lego_jax.unlearning.requests import Unlearner
+from lego_jax.workdir import Workdir, write_json
+
+RANKING_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+ATTACK_KEYS = ("bacc", "macro_f1", "auc", "chance", "leakage", "ci95")
+
+
+def format_table(headers, rows) -> str:
+  """A plain aligned text/markdown table."""
+  cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+  return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                   + [line(r) for r in cells[1:]])
+
+
+def _fmt(c) -> str:
+  if isinstance(c, float):
+    return f"{c:.4f}"
+  if isinstance(c, (list, tuple)):
+    return "[" + ", ".join(_fmt(x) for x in c) + "]"
+  return str(c)
+
+
+def _overrides(args) -> list[str]:
+  sets = list(getattr(args, "set", []) or [])
+  if getattr(args, "data_dir", None):
+    sets.insert(0, f"data.data_dir={json.dumps(args.data_dir)}")
+  return sets
+
+
+# ---- data -------------------------------------------------------------------
+def inspect_data(args):
+  overrides = [f"data.name={json.dumps(args.name)}"] + _overrides(args)
+  if args.format:
+    overrides.append(f"data.format={json.dumps(args.format)}")
+  if args.users:
+    overrides.append(f"data.users_file={json.dumps(args.users)}")
+  config = config_lib.resolve(None, overrides)
+  ds, split = data.from_config(config)
+  info = data.describe(ds, split)
+
+  def table(info):
+    head = (f"{info['dataset']}: {info['users']} users, {info['items']} items, "
+            f"{info['interactions']} interactions; split train/valid/test "
+            f"{info['split']['train']}/{info['split']['valid']}/{info['split']['test']}")
+    rows = [(a, len(v["classes"]), ", ".join(f"{c}:{n}" for c, n in zip(v["classes"], v["counts"])),
+             v["missing"]) for a, v in info["attributes"].items()]
+    return head + "\n" + format_table(("attribute", "classes", "counts", "missing"), rows)
+
+  return info, args.json, table
+
+
+# ---- backbone and evaluation ------------------------------------------------
+def open_or_create(args) -> Workdir:
+  config = config_lib.resolve(getattr(args, "config", None), _overrides(args))
+  return Workdir.create(args.workdir, config)
+
+
+def train(args):
+  wd = open_or_create(args)
+  wd.backbone()
+  return evaluate_workdir(wd), False, _ranking_table
+
+
+def evaluate_workdir(wd: Workdir) -> dict:
+  """{"original": metrics, "popularity": metrics, "combined": metrics (when present)}."""
+  u = Unlearner(wd, progress=False)
+  out = {"original": _means(wd.evaluate()), "popularity": _means(wd.evaluate_popularity())}
+  if "combined" in u.stages():
+    out["combined"] = _means(wd.evaluate(u.table("combined")))
+  return out
+
+
+def _means(result: dict) -> dict:
+  return {k: result[k] for k in RANKING_KEYS}
+
+
+def _ranking_table(stages: dict) -> str:
+  return format_table(("stage",) + RANKING_KEYS,
+                      [(s,) + tuple(m[k] for k in RANKING_KEYS) for s, m in stages.items()])
+
+
+def evaluate(args):
+  return evaluate_workdir(Workdir.open(args.workdir)), args.json, _ranking_table
+
+
+# ---- attack and export ------------------------------------------------------
+def attack_table(wd: Workdir, table, attacker: str, protocol: str, names=None) -> dict:
+  names = wd.attribute_names() if names is None else names
+  labels, num_classes = wd.labels(names)
+  res = attack_lib.attack(np.asarray(table), labels, num_classes, attacker=attacker,
+                          protocol=protocol, seed=wd.config["seed"], config=wd.config["attack"],
+                          names=names)
+  return {a: {k: res[a][k] for k in ATTACK_KEYS} for a in names}
+
+
+def attack(args):
+  wd = Workdir.open(args.workdir)
+  table = Unlearner(wd).table(args.stage)
+  out = {"stage": args.stage, "attacker": args.attacker, "protocol": args.protocol,
+         "attributes": attack_table(wd, table, args.attacker, args.protocol)}
+
+  def text(o):
+    return (f"stage {o['stage']}, attacker {o['attacker']}, protocol {o['protocol']}\n"
+            + format_table(("attribute",) + ATTACK_KEYS,
+                           [(a,) + tuple(m[k] for k in ATTACK_KEYS)
+                            for a, m in o["attributes"].items()]))
+
+  return out, args.json, text
+
+
+def export(args):
+  wd = Workdir.open(args.workdir)
+  table = np.asarray(Unlearner(wd).table(args.stage), np.float32)
+  ds = wd.dataset
+  arrays = {"embeddings": table, "user_ids": np.asarray(ds.user_ids).astype(str)}
+  for name, attr in ds.attributes.items():
+    arrays[f"attr_{name}"] = attr.codes.astype(np.int32)
+    arrays[f"attr_{name}_classes"] = np.asarray(attr.classes, dtype=str)
+  out = pathlib.Path(args.out)
+  if out.suffix != ".npz":
+    raise LegoError(f"--out must name a .npz file, got {out}")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.stem}.tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, out)
+  return (f"wrote {out}: {table.shape[0]} users x {table.shape[1]} dims, stage {args.stage}",
+          False, str)
+
+
+# ---- unlearning -------------------------------------------------------------
+def requested(wd: Workdir, text=None) -> list[str]:
+  if text:
+    return [a.strip() for a in text.split(",") if a.strip()]
+  return list(wd.config["unlearn"]["attributes"]) or wd.attribute_names()
+
+
+def unlearn(args):
+  wd = Workdir.open(args.workdir, args.set)
+  u = Unlearner(wd)
+  u.unlearn(requested(wd, args.attributes))
+  return _status(u, False)
+
+
+def request(args):
+  wd = Workdir.open(args.workdir)
+  u = Unlearner(wd)
+  if args.request_command == "add":
+    u.add(args.attribute)
+  elif args.request_command == "withdraw":
+    u.withdraw(args.attribute)
+  return _status(u, getattr(args, "json", False))
+
+
+def _status(u: Unlearner, as_json: bool):
+  def text(s):
+    rows = [(a, "yes" if a in s["active"] else "no", m["steps"], m["created"])
+            for a, m in s["bricks"].items()]
+    return (f"active: {', '.join(s['active']) or 'none'}\n"
+            + format_table(("brick", "active", "steps", "created"), rows))
+  return u.status(), as_json, text
+
+
+# ---- the main job -----------------------------------------------------------
+def run(args):
+  from lego_jax import experiment
+  config = config_lib.resolve(args.config, _overrides(args))
+  if args.sweep:
+    config["run"]["sweep"] = [float(x) for x in args.sweep.split(",") if x]
+  workdir = args.workdir or os.path.join("runs", pathlib.Path(args.config or "synthetic_mf").stem)
+  results = experiment.train_and_evaluate(config, workdir)
+  return results["summary"], False, lambda s: s
+
+
+def grid(args):
+  from lego_jax import experiment
+  names = [c for c in args.configs.split(",") if c]
+  table = experiment.grid(names, args.root, _overrides(args), args.out)
+  return table, False, lambda s: s
+
+
+COMMANDS = {"data": inspect_data, "train": train, "evaluate": evaluate, "attack": attack,
+            "export": export, "unlearn": unlearn, "request": request, "run": run, "grid": grid}
+
+
+def dispatch(args):
+  return COMMANDS[args.command](args)

@@ -1,0 +1,236 @@
+"""Dynamic unlearning requests over a workdir: calibrate, combine, add, withdraw.
+
+State lives in the workdir (DESIGN.md §6): one Orbax checkpoint per brick
+(`bricks/<attr>/`) and one for the combination (`combination/`). A request
+calibrates only attributes that have no brick yet (vmapped together), then
+re-combines; withdrawing only re-combines. A calibration in progress is
+checkpointed every `unlearn.ckpt_every` steps in `bricks/.in-progress/` and
+resumed by the next call that asks for the same attributes and settings.
+"""
+
+import datetime
+import shutil
+import zlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lego_jax import checkpoint
+from lego_jax.errors import LegoError, unknown
+from lego_jax.unlearning import calibration, combination, preservation
+from lego_jax.workdir import Workdir
+
+IN_PROGRESS = ".in-progress"
+# Fields of `unlearn` that change what a brick is; a stored brick made with
+# other values is still used (a request never redoes finished bricks) but
+# reported by `status`.
+BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
+                "topk", "margin", "stop")
+
+
+def attribute_key(seed: int, name: str) -> jax.Array:
+  """A brick's key depends on the seed and its attribute only, not on its batch-mates."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class Unlearner:
+  """LEGO on one workdir. Example:
+
+    u = Unlearner(Workdir.open("runs/synthetic"))
+    u.unlearn(["gender", "age"])        # calibrate both (one vmapped program), combine
+    u.add("occupation")                 # calibrate occupation only, re-combine
+    u.withdraw("age")                   # re-combine only
+    table = u.table("combined")
+  """
+
+  def __init__(self, workdir: Workdir, progress: bool = True):
+    self.wd = workdir
+    self.progress = progress
+    self.cfg = workdir.config["unlearn"]
+
+  # ---- stored state ------------------------------------------------------
+  @property
+  def bricks_dir(self):
+    return self.wd.path / "bricks"
+
+  def _identity(self) -> dict:
+    bb = self.wd.backbone(progress=self.progress)
+    return {"split": self.wd.split.fingerprint, "backbone": bb.model.name,
+            "shape": list(bb.table().shape)}
+
+  def brick_meta(self) -> dict[str, dict]:
+    """Metadata of every finished brick, by attribute."""
+    out = {}
+    if self.bricks_dir.is_dir():
+      for d in sorted(self.bricks_dir.iterdir()):
+        if not d.name.startswith(".") and checkpoint.exists(d):
+          out[d.name] = checkpoint.restore(d)[1]
+    return out
+
+  def _load_brick(self, name: str) -> np.ndarray:
+    tree, meta = checkpoint.restore(self.bricks_dir / name)
+    ident = self._identity()
+    diffs = [f"{k}: brick has {meta.get(k)!r}, workdir has {v!r}" for k, v in ident.items()
+             if meta.get(k) != v]
+    if diffs:
+      raise LegoError(f"brick {self.bricks_dir / name} was made from another model or data; "
+                      f"differs: {'; '.join(diffs)}")
+    return tree["delta"]
+
+  def active(self) -> list[str]:
+    d = self.wd.path / "combination"
+    return checkpoint.restore(d)[1]["active"] if checkpoint.exists(d) else []
+
+  def status(self) -> dict:
+    return {"active": self.active(),
+            "bricks": {a: {"created": m["created"], "steps": m["steps"]}
+                       for a, m in self.brick_meta().items()}}
+
+  # ---- calibration -------------------------------------------------------
+  def _spec(self) -> calibration.Spec:
+    _, num_classes = self.wd.labels(self.wd.attribute_names())
+    # Classes padded to the dataset's largest count, so a brick's program and
+    # result do not depend on which attributes it was calibrated with.
+    return calibration.Spec.from_config(self.cfg, max(num_classes), chunk=self.cfg["ckpt_every"])
+
+  def _target(self) -> calibration.Target:
+    bb = self.wd.backbone(progress=self.progress)
+    if not hasattr(self, "_topk"):
+      self._topk = preservation.top_unseen(bb.ranking_fn(bb.table()), self.wd.split,
+                                           self.cfg["topk"], self.wd.config["eval"]["batch_users"])
+    return calibration.Target(bb.table(), jnp.asarray(self._topk))
+
+  def calibrate(self, names, force: bool = False) -> list[str]:
+    """Calibrates the named attributes that have no brick yet (all of them with `force`)."""
+    names = list(dict.fromkeys(names))
+    valid = self.wd.attribute_names()
+    for n in names:
+      if n not in valid:
+        raise unknown("attribute", n, valid)
+    done = self.brick_meta()
+    todo = [n for n in names if force or n not in done]
+    if not todo:
+      return []
+    spec = self._spec()
+    target = self._target()
+    labels, _ = self.wd.labels(todo)
+    hps = calibration.HParams.from_config(self.cfg, len(todo))
+    keys = jnp.stack([attribute_key(self.wd.config["seed"], n) for n in todo])
+    settings = {"attributes": todo, **{f: self.cfg[f] for f in BRICK_FIELDS},
+                "chunk": spec.chunk, **self._identity()}
+    state = self._resume(settings)
+    bb = self.wd.backbone(progress=False)
+    bar = _progress(self.progress, spec.steps, f"calibrating {','.join(todo)}")
+    start = 0 if state is None else int(np.min(state.step))
+    bar.update(start)
+
+    def on_chunk(st):
+      step = int(np.min(st.step))
+      bar.update(step - bar.n)
+      if step < spec.steps:
+        checkpoint.save(self.bricks_dir / IN_PROGRESS, st._asdict(), settings)
+
+    bricks, state, trace = calibration.calibrate(target, labels, hps, keys, spec=spec,
+                                                 score_fn=bb.score_fn(), state=state,
+                                                 on_chunk=on_chunk)
+    bar.close()
+    bricks = np.asarray(bricks)
+    for k, name in enumerate(todo):
+      meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
+              "settings": {f: self.cfg[f] for f in BRICK_FIELDS},
+              "final_mi": float(trace.mi[k, -1]), "final_null": float(trace.null[k, -1]),
+              "final_rank": float(trace.rank[k, -1]), **self._identity()}
+      tree = {"delta": bricks[k]}
+      if spec.calibrator == "residual":
+        tree["map"] = jax.tree.map(lambda x: np.asarray(x[k]), state.params)
+      checkpoint.save(self.bricks_dir / name, tree, meta)
+    shutil.rmtree(self.bricks_dir / IN_PROGRESS, ignore_errors=True)
+    return todo
+
+  def _resume(self, settings: dict) -> Optional[calibration.State]:
+    d = self.bricks_dir / IN_PROGRESS
+    if not checkpoint.exists(d):
+      return None
+    tree, meta = checkpoint.restore(d)
+    if meta != settings:   # another request was interrupted: start afresh
+      shutil.rmtree(d, ignore_errors=True)
+      return None
+    return calibration.State(**jax.tree.map(jnp.asarray, tree))
+
+  # ---- combination -------------------------------------------------------
+  def combine(self, active) -> np.ndarray:
+    """Combines the bricks of `active` (all stored bricks stacked, the rest masked)."""
+    active = list(dict.fromkeys(active))
+    stored = self.brick_meta()
+    missing = [a for a in active if a not in stored]
+    if missing:
+      raise LegoError(f"no brick for {', '.join(missing)}; calibrate first "
+                      f"(stored: {', '.join(stored) or 'none'})")
+    bb = self.wd.backbone(progress=False)
+    e0 = bb.table()
+    if not active:
+      table, weights, names = np.asarray(e0), np.zeros((0, 1), np.float32), []
+    else:
+      order = [a for a in self.wd.attribute_names() if a in stored]
+      bricks = jnp.stack([self._load_brick(a) for a in order])
+      labels, num_classes = self.wd.labels(order)
+      mask = jnp.asarray([a in active for a in order], jnp.float32)
+      ccfg = self.wd.config["combine"]
+      spec = combination.Spec.from_config(ccfg, self.cfg, max(self.wd.labels(
+          self.wd.attribute_names())[1]))
+      key = jax.random.fold_in(jax.random.PRNGKey(self.wd.config["seed"]), 1)
+      w, table, _ = combination.fit(e0, bricks, jnp.asarray(labels), mask, self._target().topk,
+                                    key, combination.HParams.from_config(ccfg), spec=spec,
+                                    score_fn=bb.score_fn())
+      table, weights, names = np.asarray(table), np.asarray(w), order
+    checkpoint.save(self.wd.path / "combination", {"table": table, "weights": weights},
+                    {"active": active, "bricks": names, "mode": self.wd.config["combine"]["mode"],
+                     "created": _now(), **self._identity()})
+    return table
+
+  # ---- requests ----------------------------------------------------------
+  def unlearn(self, names) -> np.ndarray:
+    """Calibrates what is missing of `names`, then combines exactly `names`."""
+    self.calibrate(names)
+    return self.combine(names)
+
+  def add(self, name: str) -> np.ndarray:
+    active = self.active()
+    if name in active:
+      raise LegoError(f"attribute {name!r} is already active (active: {', '.join(active)})")
+    return self.unlearn(active + [name])
+
+  def withdraw(self, name: str) -> np.ndarray:
+    active = self.active()
+    if name not in active:
+      raise LegoError(f"attribute {name!r} is not active (active: {', '.join(active) or 'none'})")
+    return self.combine([a for a in active if a != name])
+
+  # ---- stages ------------------------------------------------------------
+  def stages(self) -> list[str]:
+    out = ["original"]
+    if checkpoint.exists(self.wd.path / "combination"):
+      out.append("combined")
+    return out + [f"brick:{a}" for a in self.brick_meta()]
+
+  def table(self, stage: str) -> np.ndarray:
+    """The user table of a stage: original, combined or brick:<attribute>."""
+    if stage not in self.stages():
+      raise unknown("stage", stage, self.stages())
+    e0 = np.asarray(self.wd.backbone(progress=False).table())
+    if stage == "original":
+      return e0
+    if stage == "combined":
+      return checkpoint.restore(self.wd.path / "combination")[0]["table"]
+    return e0 + self._load_brick(stage.split(":", 1)[1])
+
+
+def _progress(enabled: bool, total: int, desc: str):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, disable=not enabled, leave=False)

@@ -1,0 +1,225 @@
+"""Attackers and leakage metrics: hand-computed metrics, noise, signal, vmap."""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lego_jax.errors import LegoError
+from lego_jax.evaluation import attack as attack_lib
+from lego_jax.evaluation import classification_metrics as cm
+
+FAST = {"steps": 20}
+
+
+def _noise(n=2000, dim=16, classes=(2, 4, 7), seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, dim)).astype(np.float32)
+  y = np.stack([rng.integers(0, c, n) for c in classes])
+  return x, y, list(classes)
+
+
+def _planted(n=1200, dim=8, classes=(2, 5), shift=1.0, seed=1):
+  rng = np.random.default_rng(seed)
+  y = np.stack([rng.integers(0, c, n) for c in classes])
+  x = rng.normal(size=(n, dim))
+  for k, c in enumerate(classes):
+    x = x + rng.normal(size=(c, dim))[y[k]] * shift / math.sqrt(dim) * 2
+  return x.astype(np.float32), y, list(classes)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_balanced_accuracy_and_macro_f1_by_hand():
+  y_true = [0, 0, 0, 1]
+  y_pred = [0, 0, 1, 1]
+  # recalls 2/3 and 1; F1 class 0 = 4/5, class 1 = 2/3.
+  assert cm.balanced_accuracy(y_true, y_pred) == pytest.approx((2 / 3 + 1) / 2)
+  assert cm.macro_f1(y_true, y_pred) == pytest.approx((0.8 + 2 / 3) / 2)
+  # A class predicted but absent from y_true counts in F1 (as sklearn), not BAcc.
+  assert cm.balanced_accuracy([0, 0], [0, 2]) == pytest.approx(0.5)
+  assert cm.macro_f1([0, 0], [0, 2]) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_rankdata_and_auc_with_ties():
+  np.testing.assert_allclose(cm.rankdata([3, 1, 3, 2]), [3.5, 1, 3.5, 2])
+  # pairs (pos, neg): (.8,.5)=1 (.8,.2)=1 (.5,.5)=1/2 (.5,.2)=1 -> 3.5 / 4
+  assert cm.binary_auc([1, 1, 0, 0], [0.8, 0.5, 0.5, 0.2]) == pytest.approx(0.875)
+  assert cm.binary_auc([1, 0], [0.3, 0.3]) == pytest.approx(0.5)
+  assert math.isnan(cm.binary_auc([1, 1], [0.1, 0.2]))
+
+
+def test_macro_auc_ovr_matches_pairwise_count():
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 3, 60)
+  p = rng.integers(0, 4, (60, 3)) / 4.0  # coarse scores: many ties
+
+  def brute(pos, score):
+    s_pos, s_neg = score[pos], score[~pos]
+    wins = (s_pos[:, None] > s_neg[None]).sum() + 0.5 * (s_pos[:, None] == s_neg[None]).sum()
+    return wins / (s_pos.size * s_neg.size)
+
+  expected = np.mean([brute(y == c, p[:, c]) for c in range(3)])
+  assert cm.macro_auc_ovr(y, p) == pytest.approx(expected)
+
+
+def test_leakage_is_two_sided_and_ci95():
+  assert cm.leakage(0.30, 2) == pytest.approx(0.20)  # below chance leaks too
+  assert cm.leakage(0.70, 2) == pytest.approx(0.20)
+  assert cm.leakage(0.25, 4) == pytest.approx(0.0)
+  lo, hi = cm.ci95([0.5, 0.6, 0.7])
+  half = 4.303 * 0.1 / math.sqrt(3)
+  assert (lo, hi) == pytest.approx((0.6 - half, 0.6 + half))
+  assert cm.ci95([0.4]) == [0.4, 0.4]
+  assert cm.t975(4) == pytest.approx(2.776) and cm.t975(500) == pytest.approx(1.96)
+
+
+# ---------------------------------------------------------------- balancing and splits
+
+
+def test_balance_drops_missing_and_equalises_classes():
+  codes = np.array([0] * 10 + [1] * 4 + [-1] * 5 + [2] * 6)
+  idx = attack_lib.balance(codes, np.random.default_rng(0))
+  assert np.all(codes[idx] >= 0)
+  np.testing.assert_array_equal(np.bincount(codes[idx]), [4, 4, 4])
+  np.testing.assert_array_equal(idx, np.sort(idx))
+
+
+def test_stratified_kfold_partitions_and_stratifies():
+  y = np.repeat([0, 1, 2], [11, 11, 11])
+  splits = attack_lib.stratified_kfold(y, 5, np.random.default_rng(0))
+  tests = np.concatenate([te for _, te in splits])
+  np.testing.assert_array_equal(np.sort(tests), np.arange(y.size))
+  for tr, te in splits:
+    assert np.intersect1d(tr, te).size == 0 and tr.size + te.size == y.size
+    counts = np.bincount(y[te], minlength=3)
+    assert counts.min() >= 2 and counts.max() <= 3
+
+
+def test_paper_splits_train_fraction():
+  y = np.repeat([0, 1], [50, 50])
+  splits = attack_lib.stratified_splits(y, 4, 0.2, np.random.default_rng(0))
+  assert len(splits) == 4
+  for tr, te in splits:
+    np.testing.assert_array_equal(np.bincount(y[tr]), [10, 10])
+    assert te.size == 80
+
+
+# ---------------------------------------------------------------- the attackers
+
+
+@chex.variants(with_jit=True, without_jit=True)
+def test_train_and_predict_jit_equals_nojit():
+  x, y, _ = _planted(n=200, dim=4, classes=(3,))
+  fn = functools.partial(attack_lib.train_and_predict, attacker="mlp", hidden=8,
+                         l2=1e-4, lr=1e-2, steps=5)
+  args = (jnp.asarray(x), jnp.arange(150), jnp.asarray(y[0, :150]), jnp.ones(150),
+          jnp.arange(150, 200), jnp.array([True, True, True, False]),
+          jax.random.PRNGKey(0))
+  probs = test_train_and_predict_jit_equals_nojit.variant(fn)(*args)
+  chex.assert_shape(probs, (50, 4))
+  np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, rtol=1e-5)
+  assert float(jnp.max(probs[:, 3])) == 0.0  # padded class gets nothing
+  ref = jax.jit(fn)(*args)
+  chex.assert_trees_all_close(probs, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("attacker", ["mlp", "linear"])
+def test_gaussian_noise_leaks_nothing(attacker):
+  x, y, classes = _noise()
+  out = attack_lib.attack(x, y, classes, attacker=attacker, seed=0)
+  assert list(out) == ["attr0", "attr1", "attr2"]
+  for name, r in out.items():
+    assert r["leakage"] < 0.03, (name, r)
+    assert r["chance"] == pytest.approx(1 / classes[int(name[-1])])
+    assert abs(r["auc"] - 0.5) < 0.03, (name, r)
+    assert r["folds"] == 5 and r["ci95"][0] <= r["bacc"] <= r["ci95"][1]
+    assert all(isinstance(v, float) for k, v in r.items() if k not in ("n", "folds", "ci95"))
+
+
+@pytest.mark.parametrize("attacker", ["mlp", "linear"])
+def test_planted_signal_is_found(attacker):
+  x, y, classes = _planted()
+  out = attack_lib.attack(x, y, classes, attacker=attacker, config={"steps": 100},
+                          names=["a", "b"])
+  for name, r in out.items():
+    assert r["bacc"] > r["chance"] + 0.2, (name, r)
+    assert r["auc"] > 0.7, (name, r)
+
+
+def test_vmapped_equals_python_loop():
+  x, y, classes = _noise(n=600, dim=8)
+  vm, *_ = attack_lib.attack_probs(x, y, classes, config=FAST)
+  loop, *_ = attack_lib.attack_probs(x, y, classes, config=FAST, vmap=False)
+  tasks, probs = vm[0]
+  start = 0
+  for ltasks, lprobs in loop:  # the loop pads each attribute on its own
+    t, nte, _ = lprobs.shape
+    np.testing.assert_array_equal(tasks.test_idx[start:start + t, :nte], ltasks.test_idx)
+    chex.assert_trees_all_close(probs[start:start + t, :nte], lprobs, atol=1e-4)
+    start += t
+  assert start == probs.shape[0] == 15
+  a = attack_lib.attack(x, y, classes, config=FAST)
+  b = attack_lib.attack_loop(x, y, classes, config=FAST)
+  chex.assert_trees_all_close(a, b, atol=1e-3)
+
+
+def test_attribute_result_does_not_depend_on_its_neighbours():
+  x, y, classes = _planted()
+  both = attack_lib.attack(x, y, classes, config=FAST, names=["a", "b"])
+  alone = attack_lib.attack(x, y[:1], classes[:1], config=FAST, names=["a"])
+  chex.assert_trees_all_close(both["a"], alone["a"], atol=1e-3)
+
+
+def test_seed_determinism():
+  x, y, classes = _noise(n=600, dim=8)
+  a = attack_lib.attack(x, y, classes, config=FAST, seed=3)
+  b = attack_lib.attack(x, y, classes, config=FAST, seed=3)
+  c = attack_lib.attack(x, y, classes, config=FAST, seed=4)
+  assert a == b
+  assert a != c
+
+
+def test_missing_labels_are_excluded():
+  x, y, classes = _planted(n=600, classes=(2, 3))
+  y = y.copy()
+  missing = np.arange(0, 600, 3)
+  y[0, missing] = -1
+  out = attack_lib.attack(x, y, classes, attacker="linear", config=FAST)
+  m = np.bincount(y[0][y[0] >= 0]).min()
+  assert out["attr0"]["n"] == 2 * m
+  assert out["attr1"]["n"] == 3 * np.bincount(y[1]).min()
+  # Users without a label play no part: scrambling their rows changes nothing.
+  x2 = x.copy()
+  x2[missing] = np.random.default_rng(9).normal(size=(missing.size, x.shape[1])) * 100
+  out2 = attack_lib.attack(x2, y[:1], classes[:1], attacker="linear", config=FAST)
+  chex.assert_trees_all_close(out2["attr0"], out["attr0"], atol=1e-6)
+
+
+def test_paper_protocol():
+  x, y, classes = _planted(n=600, classes=(2,))
+  cfg = dict(FAST, paper_splits=4)
+  out = attack_lib.attack(x, y, classes, attacker="linear", protocol="paper", config=cfg)
+  assert out["attr0"]["folds"] == 4
+  assert out["attr0"]["bacc"] > 0.6
+
+
+def test_bad_input_raises_lego_error():
+  x, y, classes = _noise(n=100, dim=4, classes=(2,))
+  with pytest.raises(LegoError, match="valid: linear, mlp"):
+    attack_lib.attack(x, y, classes, attacker="svm")
+  with pytest.raises(LegoError, match="valid: cv5, paper"):
+    attack_lib.attack(x, y, classes, protocol="loo")
+  with pytest.raises(LegoError, match="must lie in -1..0"):
+    attack_lib.attack(x, y, [1])
+  with pytest.raises(LegoError, match="attack config field"):
+    attack_lib.attack(x, y, classes, config={"stepz": 3})
+  tiny = np.full((1, 100), -1)
+  tiny[0, :3] = [0, 1, 1]
+  with pytest.raises(LegoError, match="attr0 needs at least 2 classes"):
+    attack_lib.attack(x, tiny, classes)
