@@ -13,6 +13,7 @@ the default `steps` was chosen). Prints one JSON object, then a table.
 """
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -35,17 +36,23 @@ _ML1M = {
 }
 
 
-def synthetic(n=6040, dim=64, signal=0.0, seed=0):
-  """Gaussian embeddings with ML-1M-like labels; with signal > 0 each class
-  shifts the mean (linear signal) and, for gender, the spread of a few
-  dimensions too (a signal only a non-linear attacker can use)."""
+def synthetic(n=6040, dim=64, signal=0.0, seed=0, kind="mixed"):
+  """Gaussian embeddings with ML-1M-like labels. With signal > 0 and kind
+  "mixed", each class shifts the mean (a linear signal) and, for gender, the
+  spread of a few dimensions too; with kind "spread", each class only scales
+  a random subset of dimensions (means equal: a signal only a non-linear
+  attacker can use)."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, dim))
   names, labels, counts = [], [], []
   for name, p in _ML1M.items():
     p = np.asarray(p) / np.sum(p)
     y = rng.choice(p.size, size=n, p=p)
-    if signal > 0:
+    if signal > 0 and kind == "spread":
+      dims = rng.permutation(dim)[:16]
+      scale = 1.0 + signal * rng.uniform(-1, 1, size=(p.size, dims.size)) * 3
+      x[:, dims] *= scale[y]
+    elif signal > 0:
       means = rng.normal(size=(p.size, dim)) * signal / np.sqrt(dim) * 4
       x = x + means[y]
       if name == "gender":
@@ -91,16 +98,29 @@ def bench(x, labels, counts, names, args, cfg):
   return res, diff
 
 
-def sweep(x, labels, counts, names, args, cfg, steps_list):
+def parse_grid(text):
+  """"steps=100,300;lr=1e-3,1e-2" -> [{"steps": 100, "lr": 1e-3}, ...]."""
+  axes = []
+  for part in text.split(";"):
+    if part.strip():
+      key, values = part.split("=", 1)
+      cast = int if key.strip() == "steps" else float
+      axes.append([(key.strip(), cast(v)) for v in values.split(",") if v])
+  return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def sweep(x, labels, counts, names, args, cfg, grid):
+  """BAcc of both attackers at each grid point; one compile per attacker,
+  since l2, lr and steps are traced (val_frac only changes weights)."""
   rows = []
   for attacker in ("mlp", "linear"):
-    for steps in steps_list:
-      c = dict(cfg, steps=steps)
+    for point in grid:
+      c = dict(cfg, **point)
       run = lambda: attack_lib.attack(x, labels, counts, attacker=attacker,
                                       protocol=args.protocol, seed=args.seed,
                                       config=c, names=names)
       out, t = timed(run)
-      rows.append({"attacker": attacker, "steps": steps, "seconds": t,
+      rows.append({"attacker": attacker, **point, "seconds": t,
                    **{f"bacc_{n}": out[n]["bacc"] for n in names},
                    **{f"auc_{n}": out[n]["auc"] for n in names}})
   return rows
@@ -116,16 +136,17 @@ def sklearn_reference(x, labels, counts, names, args, cfg):
   except ImportError:
     return None
   from lego_jax.evaluation import classification_metrics as cm
-  per_task, _, _ = attack_lib.make_tasks(labels, counts, args.protocol, cfg,
-                                         args.seed, names)
+  per_task, _, _ = attack_lib.make_tasks(labels, counts, args.protocol,
+                                         attack_lib._config(cfg), args.seed, names)
   out = {}
-  for kind in ("mlp", "linear"):
+  for kind in ("mlp", "mlp_es", "linear"):
     t = time.perf_counter()
     scores = {n: [] for n in names}
-    for k, _f, _c, trr, trl, ter, tel in per_task:
+    for k, _f, _c, trr, trl, ter, tel, _val in per_task:
       sc = StandardScaler().fit(x[trr])
-      if kind == "mlp":
-        clf = MLPClassifier(hidden_layer_sizes=(cfg["hidden"],), random_state=0)
+      if kind.startswith("mlp"):
+        clf = MLPClassifier(hidden_layer_sizes=(cfg["hidden"],), random_state=0,
+                            early_stopping=kind == "mlp_es")
       else:
         clf = LogisticRegression(max_iter=1000)
       clf.fit(sc.transform(x[trr]), trl)
@@ -143,9 +164,15 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=DEFAULTS["attack"]["steps"])
   ap.add_argument("--signal", type=float, default=0.0,
                   help="planted signal strength for the synthetic data")
+  ap.add_argument("--signal-kind", default="mixed", choices=["mixed", "spread"])
+  ap.add_argument("--val-frac", type=float, default=None,
+                  help="inner validation share for early stopping (0 = fixed budget)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--sweep-steps", default="",
                   help="comma-separated budgets: report BAcc per budget instead")
+  ap.add_argument("--grid", default="",
+                  help='e.g. "steps=100,300;lr=1e-3,1e-2;l2=1e-4;val_frac=0,0.2": '
+                       "report BAcc over the product instead")
   ap.add_argument("--sklearn", action="store_true",
                   help="with --sweep-steps: also sklearn's attackers on the same folds")
   args = ap.parse_args(argv)
@@ -154,27 +181,31 @@ def main(argv=None):
     x, labels, counts, names = load(args.embeddings)
     source = args.embeddings
   else:
-    signal = args.signal if args.signal or not args.sweep_steps else 0.3
-    x, labels, counts, names = synthetic(signal=signal, seed=args.seed)
-    source = f"synthetic {x.shape[0]}x{x.shape[1]} signal={signal}"
+    signal = args.signal
+    x, labels, counts, names = synthetic(signal=signal, seed=args.seed,
+                                         kind=args.signal_kind)
+    source = f"synthetic {x.shape[0]}x{x.shape[1]} {args.signal_kind} signal={signal}"
   cfg = dict(DEFAULTS["attack"], steps=args.steps)
+  if args.val_frac is not None:
+    cfg["val_frac"] = args.val_frac
   info = {"device": str(jax.devices()[0]), "source": source,
           "attributes": dict(zip(names, counts)), "attacker": args.attacker,
           "protocol": args.protocol, "config": cfg}
 
-  if args.sweep_steps:
-    steps_list = [int(s) for s in args.sweep_steps.split(",") if s]
-    rows = sweep(x, labels, counts, names, args, cfg, steps_list)
+  if args.sweep_steps or args.grid:
+    grid = parse_grid(args.grid or f"steps={args.sweep_steps}")
+    rows = sweep(x, labels, counts, names, args, cfg, grid)
     ref = sklearn_reference(x, labels, counts, names, args, cfg) if args.sklearn else None
     print(json.dumps({**info, "sweep": rows, "sklearn": ref}))
-    print(f"\n{'attacker':8} {'steps':>6} {'sec':>7} " +
+    keys = list(grid[0])
+    print(f"\n{'attacker':9} " + " ".join(f"{k:>8}" for k in keys) + f" {'sec':>6} " +
           " ".join(f"{'bacc_' + n:>16}" for n in names))
     for r in rows:
-      print(f"{r['attacker']:8} {r['steps']:6d} {r['seconds']:7.2f} " +
-            " ".join(f"{r['bacc_' + n]:16.4f}" for n in names))
+      print(f"{r['attacker']:9} " + " ".join(f"{r[k]:8g}" for k in keys) +
+            f" {r['seconds']:6.2f} " + " ".join(f"{r['bacc_' + n]:16.4f}" for n in names))
     for kind, r in (ref or {}).items():
-      print(f"{'sk-' + kind:8} {'-':>6} {r['seconds']:7.2f} " +
-            " ".join(f"{r['bacc_' + n]:16.4f}" for n in names))
+      print(f"{'sk-' + kind:9} " + " ".join(f"{'-':>8}" for k in keys) +
+            f" {r['seconds']:6.2f} " + " ".join(f"{r['bacc_' + n]:16.4f}" for n in names))
     return
 
   res, diff = bench(x, labels, counts, names, args, cfg)

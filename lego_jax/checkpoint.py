@@ -16,6 +16,7 @@ import uuid
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -78,3 +79,22 @@ def restore(directory):
     tree = ocp.PyTreeCheckpointer().restore(directory / _TREE)
   tree = jax.tree.map(np.asarray, tree)
   return tree, json.loads((directory / _META).read_text())
+
+
+def flatten(tree) -> dict:
+  """A pytree's leaves under ordered string keys.
+
+  Orbax restores NamedTuples (optax states, calibration states) as plain
+  containers; saving the leaves and rebuilding with `unflatten` keeps the types.
+  """
+  return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+def unflatten(template, flat: dict):
+  """The inverse of `flatten`, given a pytree of the same structure and dtypes."""
+  leaves = [flat[k] for k in sorted(flat)]
+  like = jax.tree.leaves(template)
+  if len(leaves) != len(like):
+    raise LegoError(f"checkpoint holds {len(leaves)} arrays, expected {len(like)}")
+  return jax.tree.unflatten(jax.tree.structure(template),
+                            [jnp.asarray(x, dtype=jnp.asarray(t).dtype) for x, t in zip(leaves, like)])

@@ -7,6 +7,7 @@ training state is saved with Orbax after every epoch and a later call resumes
 from it, giving the same final params as an uninterrupted run.
 """
 
+import functools
 import math
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -35,33 +36,90 @@ def make_optimizer(train_cfg: dict) -> optax.GradientTransformation:
   return optax.adam(float(train_cfg["lr"]))
 
 
-def make_epoch(model: Model, optimizer: optax.GradientTransformation, *, n_items: int,
-               batch_size: int, negatives: int) -> Callable:
-  """An (unjitted) epoch: (params, opt_state, aux, train_pairs (k,2), key) -> (params, opt_state, mean loss).
+def positive_keys(train_pairs: np.ndarray, n_users: int, n_items: int) -> Optional[np.ndarray]:
+  """Sorted int32 keys user * n_items + item of the training pairs, for rejecting sampled
+  negatives that are positives; None where the keys would not fit in int32."""
+  if n_users * n_items >= 2 ** 31:
+    return None
+  pairs = np.asarray(train_pairs, np.int64)
+  return np.unique(pairs[:, 0] * n_items + pairs[:, 1]).astype(np.int32)
+
+
+def sample_negatives(key, users, shape, n_items: int, positives=None, rounds: int = 4):
+  """Uniform random items; with `positives` (see `positive_keys`), items the user trained
+  on are redrawn up to `rounds` times (RecBole's sampler also avoids them)."""
+  neg = jax.random.randint(key, shape, 0, n_items, dtype=jnp.int32)
+  if positives is None:
+    return neg
+  users = jnp.broadcast_to(users.reshape(users.shape + (1,) * (len(shape) - users.ndim)), shape)
+
+  def is_pos(items):
+    k = users * n_items + items
+    idx = jnp.clip(jnp.searchsorted(positives, k), 0, positives.shape[0] - 1)
+    return positives[idx] == k
+
+  for sub in jax.random.split(key, rounds):
+    neg = jnp.where(is_pos(neg), jax.random.randint(sub, shape, 0, n_items, dtype=jnp.int32), neg)
+  return neg
+
+
+def epoch_batches(key, train_pairs, *, n_items: int, batch_size: int, negatives: int,
+                  positives=None):
+  """Shuffled minibatches (n_batches, B, 2) and negatives (n_batches, B, negatives).
 
   The last minibatch is filled up by wrapping around the shuffled order, so all
   minibatches have one shape and the scan compiles once.
   """
+  n = train_pairs.shape[0]
+  bs = min(batch_size, n)
+  n_batches = -(-n // bs)
+  k_perm, k_neg = jax.random.split(key)
+  order = jnp.resize(jax.random.permutation(k_perm, n), (n_batches * bs,))
+  batches = train_pairs[order].reshape(n_batches, bs, 2)
+  neg = sample_negatives(k_neg, batches[..., 0], (n_batches, bs, negatives), n_items, positives)
+  return batches, neg
 
-  def step(carry, batch):
-    params, opt_state, aux = carry
-    pairs, neg = batch
+
+def make_step(model: Model, optimizer: optax.GradientTransformation) -> Callable:
+  """One optimiser step: (params, opt_state, aux, pairs (B,2), neg (B,N)) -> (params, opt_state, loss)."""
+
+  def step(params, opt_state, aux, pairs, neg):
     loss, grads = jax.value_and_grad(model.loss)(params, aux, pairs[:, 0], pairs[:, 1], neg)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, aux), loss
+    return optax.apply_updates(params, updates), opt_state, loss
 
-  def epoch(params, opt_state, aux, train_pairs, key):
-    n = train_pairs.shape[0]
-    bs = min(batch_size, n)
-    n_batches = -(-n // bs)
-    k_perm, k_neg = jax.random.split(key)
-    order = jnp.resize(jax.random.permutation(k_perm, n), (n_batches * bs,))
-    batches = train_pairs[order].reshape(n_batches, bs, 2)
-    neg = jax.random.randint(k_neg, (n_batches, bs, negatives), 0, n_items, dtype=jnp.int32)
-    (params, opt_state, _), losses = jax.lax.scan(step, (params, opt_state, aux), (batches, neg))
+  return step
+
+
+def make_epoch(model: Model, optimizer: optax.GradientTransformation, *, n_items: int,
+               batch_size: int, negatives: int) -> Callable:
+  """An (unjitted) epoch: (params, opt_state, aux, train_pairs (k,2), key[, positives])
+  -> (params, opt_state, mean loss).
+
+  The same as `make_step` run over `epoch_batches(key, ...)` in order.
+  """
+  step = make_step(model, optimizer)
+
+  def body(carry, batch):
+    params, opt_state, aux = carry
+    params, opt_state, loss = step(params, opt_state, aux, *batch)
+    return (params, opt_state, aux), loss
+
+  def epoch(params, opt_state, aux, train_pairs, key, positives=None):
+    batches = epoch_batches(key, train_pairs, n_items=n_items, batch_size=batch_size,
+                            negatives=negatives, positives=positives)
+    (params, opt_state, _), losses = jax.lax.scan(body, (params, opt_state, aux), batches)
     return params, opt_state, jnp.mean(losses)
 
   return epoch
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(model: Model, lr: float, n_items: int, batch_size: int, negatives: int):
+  # Cached so repeated `train` calls on one model (resume, sweeps, tests) compile once.
+  epoch = make_epoch(model, make_optimizer({"lr": lr}), n_items=n_items, batch_size=batch_size,
+                     negatives=negatives)
+  return jax.jit(epoch), jax.jit(model.score)
 
 
 def parse_metric(metric: str) -> tuple[str, int]:
@@ -125,10 +183,11 @@ def train(model: Model, split: Split, config: dict, *, ckpt_dir=None, progress: 
   history = list(meta["history"])
   best_metric = -math.inf if meta["best_metric"] is None else meta["best_metric"]
   has_valid = len(split.valid) > 0
-  epoch_fn = jax.jit(make_epoch(model, optimizer, n_items=n_items,
-                                batch_size=int(tc["batch_size"]), negatives=int(tc["negatives"])))
-  score = jax.jit(model.score)
+  epoch_fn, score = _compiled(model, float(tc["lr"]), n_items, int(tc["batch_size"]),
+                              int(tc["negatives"]))
   train_pairs = jnp.asarray(split.train, jnp.int32)
+  positives = positive_keys(split.train, n_users, n_items)
+  positives = None if positives is None else jnp.asarray(positives)
 
   bar = tqdm.tqdm(total=epochs, initial=meta["epoch"], disable=not progress,
                   desc=f"train {model.name}", unit="epoch")
@@ -138,7 +197,7 @@ def train(model: Model, split: Split, config: dict, *, ckpt_dir=None, progress: 
       break
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
-    params, opt_state, loss = epoch_fn(params, opt_state, aux, train_pairs, sub)
+    params, opt_state, loss = epoch_fn(params, opt_state, aux, train_pairs, sub, positives)
     loss = float(loss)
     ep = meta["epoch"] + 1
     record = {"epoch": ep, "loss": loss, "train_seconds": time.perf_counter() - t0}

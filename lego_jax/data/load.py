@@ -78,7 +78,9 @@ def _numeric(values: list[str]) -> Optional[np.ndarray]:
 def _class_key(names: list[str]):
   """Numeric order where every class is a number, else string order."""
   nums = _numeric(names)
-  return (lambda n: float(n)) if nums is not None and np.isfinite(nums).all() else (lambda n: n)
+  if nums is not None and np.isfinite(nums).all():
+    return lambda n: (float(n), n)  # ties ("1" vs "01") broken by the string
+  return lambda n: n
 
 
 def _categorical(name, values: list[Optional[str]]) -> Attribute:
@@ -155,7 +157,7 @@ def encode_attributes(table: Optional[readers.UserTable], user_ids: Sequence[str
 def _id_order(ids: list[str]) -> np.ndarray:
   """A permutation putting ids in numeric order where all are integers, else string order."""
   try:
-    keys = [int(x) for x in ids]
+    keys = [(int(x), x) for x in ids]
   except ValueError:
     keys = ids
   return np.array(sorted(range(len(ids)), key=keys.__getitem__), np.int64)

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lego_jax.errors import LegoError
+from lego_jax.errors import LegoError, unknown
 
 FORMATS = ("movielens-100k", "movielens-1m", "recbole", "lightgcn", "lastfm")
 ML1M_AGE_CODES = (1, 18, 25, 35, 45, 50, 56)
@@ -73,7 +73,7 @@ def read_bytes(path: os.PathLike) -> bytes:
     raise LegoError(f"{path}: file not found") from None
   except (OSError, EOFError, zlib.error) as e:
     raise LegoError(f"{path}: cannot read: {e}") from None
-  return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+  return data.replace(b"\r\n", b"\n")
 
 
 def decode(token: bytes, encoding: str = "utf-8") -> str:
@@ -116,17 +116,17 @@ def to_float(column: list[bytes], lines: np.ndarray, path, what: str) -> np.ndar
   """Parses a numeric column; a bad value names its file and line."""
   try:
     out = np.array(column, dtype=np.float64) if column else np.zeros(0)
-    ok = np.isfinite(out)
-  except ValueError:
-    ok = None
-  if ok is None or not ok.all():
+  except ValueError:  # find the culprit the slow way
+    out = np.zeros(len(column))
     for r, token in enumerate(column):
       try:
-        if np.isfinite(float(token)):
-          continue
+        out[r] = float(token)
       except ValueError:
-        pass
-      raise LegoError(f"{path}:{lines[r]}: {what} is not a number: {_show(token)}")
+        raise LegoError(f"{path}:{lines[r]}: {what} is not a number: {_show(token)}") from None
+  bad = np.flatnonzero(~np.isfinite(out))
+  if len(bad):
+    r = int(bad[0])
+    raise LegoError(f"{path}:{lines[r]}: {what} is not a finite number: {_show(column[r])}")
   return out
 
 
@@ -390,9 +390,5 @@ def read_folder(folder: pathlib.Path, fmt: str, users_file: Optional[str] = None
     inter = read_lastfm_plays(plays)
     users_path = users_path or _need(folder / "usersha1-profile.tsv", fmt, EXPECTED[fmt])
   else:
-    from lego_jax.errors import unknown
     raise unknown("format", fmt, FORMATS)
-  table = read_users_file(users_path) if users_path else None
-  if table is not None and not table.age_kind and fmt == "movielens-1m":
-    table.age_kind = "codes"
-  return inter, table
+  return inter, (read_users_file(users_path) if users_path else None)

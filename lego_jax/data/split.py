@@ -13,7 +13,9 @@ Methods:
               timestamp where known, ties and unknown times broken at random)
               is test and the one before it valid; the rest is train.
   predefined  `Dataset.fold` as is; an error where the dataset has none.
-Each part is an (k, 2) int32 array of (user, item), sorted.
+Each part is an (k, 2) int32 array of (user, item), sorted. `Split.fingerprint`
+hashes the dataset fingerprint, the method, ratios and seed (a predefined
+split used as is hashes as "predefined", whatever method and seed asked).
 """
 
 from typing import Sequence
@@ -81,11 +83,14 @@ def split_dataset(ds: Dataset, method: str = "random", ratios=(0.8, 0.1, 0.1),
   rng = np.random.default_rng(seed)
   if method == "predefined" and ds.fold is None:
     raise LegoError(f"dataset {ds.name} has no predefined split; use split 'random' or 'loo'")
+  key = (method, ratios, int(seed))
   if method == "loo":
     fold = loo_folds(ds, rng)
   elif ds.fold is not None:
     fold = ds.fold.astype(np.int8)
+    key = ("predefined", None, 0)  # no randomness: same split whatever the seed
     if method == "random" and not (fold == 1).any() and ratios[1] > 0:
+      key = ("predefined+valid", ratios, int(seed))
       train = np.flatnonzero(fold == 0)
       share = ratios[1] / (ratios[0] + ratios[1])
       sub = random_folds(ds.users[train], (1 - share, share, 0.0), rng)
@@ -95,4 +100,4 @@ def split_dataset(ds: Dataset, method: str = "random", ratios=(0.8, 0.1, 0.1),
     fold = random_folds(ds.users, ratios, rng)
   return Split(train=_pairs(ds, fold == 0), valid=_pairs(ds, fold == 1), test=_pairs(ds, fold == 2),
                n_users=ds.n_users, n_items=ds.n_items,
-               fingerprint=fingerprint(ds.fingerprint, method, ratios, int(seed)))
+               fingerprint=fingerprint(ds.fingerprint, *key))

@@ -6,9 +6,13 @@ How it is generated (all from `np.random.default_rng(seed)`):
      10 classes with Zipf-like shares (occ0 most common).
   2. Taste: a user's latent factor (d = 16) is a shared N(0, 1) part plus, for
      each attribute, an offset vector belonging to the user's class (drawn
-     N(0, OFFSET_SCALE^2) once per class). Attributes shape preferences only
-     through these offsets, so a model's user embeddings absorb them and an
-     attacker recovers them above chance, as with real data.
+     N(0, OFFSET_SCALE[attribute]^2) once per class: gender 0.45, age 0.25,
+     occupation 0.2). Attributes shape preferences only through these
+     offsets, so user embeddings absorb them and an attacker recovers them
+     above chance, about as much as from ML-1M. Measured with MF-BPR (d 32,
+     10 epochs) and the linear attacker (5-fold BAcc): synthetic defaults
+     gender 0.77, age 0.48, occupation 0.23 (chance 0.5, 0.25, 0.1); ML-1M
+     gender 0.75, age 0.36, occupation 0.12 (chance 0.5, 0.14, 0.05).
   3. Items have N(0, 1) latent factors and a long-tail popularity: item of
      popularity rank r gets a log-bias -POP_ALPHA * log(1 + r).
   4. Activity: each user's number of interactions is log-normal (sigma 0.9)
@@ -27,7 +31,7 @@ from lego_jax.data.readers import Interactions, UserTable
 from lego_jax.errors import LegoError
 
 DIM = 16
-OFFSET_SCALE = 0.45
+OFFSET_SCALE = {"gender": 0.45, "age": 0.25, "occupation": 0.2}
 TEMP = 2.0
 POP_ALPHA = 0.9
 MIN_ITEMS = 5
@@ -52,7 +56,7 @@ def generate(n_users: int = 3000, n_items: int = 2000, density: float = 0.045,
   labels = {}
   for name, (classes, share) in (("gender", GENDER), ("age", AGE), ("occupation", OCCUPATION)):
     codes = rng.choice(len(classes), size=n_users, p=np.asarray(share))
-    offsets = rng.normal(0.0, OFFSET_SCALE, (len(classes), DIM)).astype(np.float32)
+    offsets = rng.normal(0.0, OFFSET_SCALE[name], (len(classes), DIM)).astype(np.float32)
     taste += offsets[codes]
     labels[name] = [classes[c] for c in codes.tolist()]
   item_factors = rng.standard_normal((n_items, DIM), dtype=np.float32)

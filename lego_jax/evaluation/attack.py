@@ -32,7 +32,8 @@ class Tasks(NamedTuple):
   """Stacked (attribute, fold) tasks; rows index into the embedding matrix."""
   train_idx: np.ndarray   # (T, Ntr) int32
   train_y: np.ndarray     # (T, Ntr) int32
-  train_w: np.ndarray     # (T, Ntr) float32, 0 on padding
+  train_w: np.ndarray     # (T, Ntr) float32, 1 on rows fitted, 0 on val / padding
+  val_w: np.ndarray       # (T, Ntr) float32, 1 on the inner validation rows
   test_idx: np.ndarray    # (T, Nte) int32
   test_y: np.ndarray      # (T, Nte) int32
   test_w: np.ndarray      # (T, Nte) float32, 0 on padding
@@ -87,8 +88,24 @@ def stratified_splits(y: np.ndarray, n_splits: int, train_frac: float,
   return out
 
 
+def inner_validation(y: np.ndarray, val_frac: float,
+                     rng: np.random.Generator) -> np.ndarray:
+  """A stratified boolean mask of round(val_frac * n_c) rows per class (kept
+  below n_c), for early stopping inside a training fold."""
+  val = np.zeros(y.size, dtype=bool)
+  if val_frac <= 0:
+    return val
+  for c in np.unique(y):
+    pos = np.flatnonzero(y == c)
+    k = min(int(round(val_frac * pos.size)), pos.size - 1)
+    val[rng.choice(pos, size=k, replace=False)] = True
+  return val
+
+
 def _config(config: Optional[dict]) -> dict:
   cfg = dict(DEFAULTS["attack"])
+  # Early stopping on an inner validation split; 0 = a fixed budget.
+  cfg.setdefault("val_frac", 0.2)
   for key, value in (config or {}).items():
     if key not in cfg:
       raise unknown("attack config field", key, cfg)
@@ -136,7 +153,9 @@ def _attribute_tasks(codes, protocol, cfg, seed):
   else:
     splits = stratified_splits(y, int(cfg["paper_splits"]),
                                float(cfg["paper_train_frac"]), rng)
-  return idx, [(idx[tr], y[tr], idx[te], y[te]) for tr, te in splits]
+  val_frac = float(cfg["val_frac"])
+  return idx, [(idx[tr], y[tr], idx[te], y[te], inner_validation(y[tr], val_frac, rng))
+               for tr, te in splits]
 
 
 def _pad(rows: list[np.ndarray], width: int, dtype) -> np.ndarray:
@@ -147,7 +166,8 @@ def _pad(rows: list[np.ndarray], width: int, dtype) -> np.ndarray:
 
 
 def _stack(per_task: list, cmax: int) -> Tasks:
-  """per_task: [(attr, fold, present_classes, train_rows, train_y, test_rows, test_y)]."""
+  """per_task: [(attr, fold, present_classes, train_rows, train_y, test_rows,
+  test_y, is_val)]."""
   ntr = max(t[3].size for t in per_task)
   nte = max(t[5].size for t in per_task)
   mask = np.zeros((len(per_task), cmax), dtype=bool)
@@ -156,7 +176,8 @@ def _stack(per_task: list, cmax: int) -> Tasks:
   return Tasks(
       train_idx=_pad([t[3] for t in per_task], ntr, np.int32),
       train_y=_pad([t[4] for t in per_task], ntr, np.int32),
-      train_w=_pad([np.ones(t[3].size) for t in per_task], ntr, np.float32),
+      train_w=_pad([~t[7] for t in per_task], ntr, np.float32),
+      val_w=_pad([t[7] for t in per_task], ntr, np.float32),
       test_idx=_pad([t[5] for t in per_task], nte, np.int32),
       test_y=_pad([t[6] for t in per_task], nte, np.int32),
       test_w=_pad([np.ones(t[5].size) for t in per_task], nte, np.float32),
@@ -180,8 +201,8 @@ def make_tasks(labels, num_classes, protocol, cfg, seed, names):
           f"labelled users each for protocol {protocol}; class counts {counts}")
     idx, splits = _attribute_tasks(codes, protocol, cfg, seed)
     sizes.append(idx.size)
-    for f, (trr, trl, ter, tel) in enumerate(splits):
-      per_task.append((k, f, present, trr, trl, ter, tel))
+    for f, (trr, trl, ter, tel, val) in enumerate(splits):
+      per_task.append((k, f, present, trr, trl, ter, tel, val))
   return per_task, sizes, cmax
 
 
@@ -203,23 +224,32 @@ def _init(key, dim: int, cmax: int, hidden: int, attacker: str):
           "w2": w2 * jnp.sqrt(1.0 / hidden), "b2": jnp.zeros(cmax)}
 
 
+def _dot(a, b):
+  # Full float32 products: TF32 on a GPU would make results device-dependent.
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _logits(params, x):
   if "w" in params:
-    return x @ params["w"] + params["b"]
-  h = jax.nn.relu(x @ params["w1"] + params["b1"])
-  return h @ params["w2"] + params["b2"]
+    return _dot(x, params["w"]) + params["b"]
+  h = jax.nn.relu(_dot(x, params["w1"]) + params["b1"])
+  return _dot(h, params["w2"]) + params["b2"]
 
 
-def train_and_predict(x, train_idx, train_y, train_w, test_idx, class_mask, key,
-                      *, attacker: str, hidden: int, l2: float, lr: float,
-                      steps: int):
-  """Fits one attacker on the weighted training rows of `x` and returns the
-  predicted class probabilities (Nte, Cmax) of the test rows.
+def train_and_predict(x, train_idx, train_y, train_w, val_w, test_idx, class_mask,
+                      key, l2, lr, steps, *, attacker: str, hidden: int):
+  """Fits one attacker on rows `train_idx` of `x` and returns the predicted
+  class probabilities (Nte, Cmax) of rows `test_idx`.
 
-  Features are standardised with the training rows' weighted mean and
-  standard deviation; the loss is weighted mean cross-entropy plus
-  0.5 * l2 * ||weights||^2 (biases not penalised); `steps` full-batch Adam
-  steps. Padded classes get a -1e9 logit, so they never receive probability.
+  Rows with `train_w` = 1 are fitted; rows with `val_w` = 1 (an inner
+  validation split of the training fold) pick the step whose parameters are
+  returned: the one with the lowest validation cross-entropy (early
+  stopping). Without validation rows the last step's parameters are used.
+  Features are standardised with the fitted rows' mean and standard
+  deviation; the loss is mean cross-entropy plus 0.5 * l2 * ||weights||^2
+  (biases not penalised); at most `steps` full-batch Adam steps. Padded
+  classes get a -1e9 logit, so they never receive probability. `l2`, `lr`
+  and `steps` may be traced: one compiled program serves any budget.
   """
   xtr, xte = x[train_idx], x[test_idx]
   w = train_w
@@ -231,32 +261,38 @@ def train_and_predict(x, train_idx, train_y, train_w, test_idx, class_mask, key,
   xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
   offset = jnp.where(class_mask, 0.0, _NEG)
   params = _init(key, x.shape[1], class_mask.shape[0], hidden, attacker)
+  vsum = val_w.sum()
 
-  def loss_fn(p):
+  def losses(p):
+    """(penalised training loss, validation cross-entropy)."""
     logp = jax.nn.log_softmax(_logits(p, xtr) + offset)
     ce = -jnp.take_along_axis(logp, train_y[:, None], axis=1)[:, 0]
     reg = sum(jnp.sum(v ** 2) for k, v in p.items() if k.startswith("w"))
-    return (w * ce).sum() / wsum + 0.5 * l2 * reg
+    val = (val_w * ce).sum() / jnp.maximum(vsum, 1.0)
+    return (w * ce).sum() / wsum + 0.5 * l2 * reg, val
 
   opt = optax.adam(lr)
 
-  def step(carry, _):
-    p, s = carry
-    g = jax.grad(loss_fn)(p)
+  def step(_, carry):
+    p, s, best, best_val = carry
+    # The validation loss of `p` comes with its gradient pass for free.
+    g, val = jax.grad(losses, has_aux=True)(p)
+    better = val < best_val
+    best = jax.tree.map(lambda a, b: jnp.where(better, a, b), p, best)
     u, s = opt.update(g, s, p)
-    return (optax.apply_updates(p, u), s), None
+    return optax.apply_updates(p, u), s, best, jnp.minimum(val, best_val)
 
-  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-  return jax.nn.softmax(_logits(params, xte) + offset)
+  init = (params, opt.init(params), params, jnp.float32(jnp.inf))
+  last, _, best, _ = jax.lax.fori_loop(0, steps, step, init)
+  final = jax.tree.map(lambda a, b: jnp.where(vsum > 0, a, b), best, last)
+  return jax.nn.softmax(_logits(final, xte) + offset)
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled(attacker: str, hidden: int, l2: float, lr: float, steps: int,
-              vmapped: bool):
-  fn = functools.partial(train_and_predict, attacker=attacker, hidden=hidden,
-                         l2=l2, lr=lr, steps=steps)
+@functools.lru_cache(maxsize=8)
+def _compiled(attacker: str, hidden: int, vmapped: bool):
+  fn = functools.partial(train_and_predict, attacker=attacker, hidden=hidden)
   if vmapped:
-    fn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))
+    fn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, None, None, None))
   return jax.jit(fn)
 
 
@@ -265,16 +301,16 @@ def _keys(seed: int, folds: np.ndarray):
   return jax.vmap(lambda f: jax.random.fold_in(base, f))(jnp.asarray(folds))
 
 
-def _hyper(cfg: dict, attacker: str):
-  return (attacker, int(cfg["hidden"]), float(cfg["l2"]), float(cfg["lr"]),
-          int(cfg["steps"]))
+def _hyper(cfg: dict):
+  """The traced hyper-parameters (l2, lr, steps)."""
+  return (jnp.float32(cfg["l2"]), jnp.float32(cfg["lr"]), jnp.int32(cfg["steps"]))
 
 
 def predict_vmapped(x, tasks: Tasks, seed: int, cfg: dict, attacker: str):
   """Probabilities (T, Nte, Cmax) of every task in one compiled call."""
-  fn = _compiled(*_hyper(cfg, attacker), True)
+  fn = _compiled(attacker, int(cfg["hidden"]), True)
   return fn(jnp.asarray(x), tasks.train_idx, tasks.train_y, tasks.train_w,
-            tasks.test_idx, tasks.class_mask, _keys(seed, tasks.fold))
+            tasks.val_w, tasks.test_idx, tasks.class_mask, _keys(seed, tasks.fold), *_hyper(cfg))
 
 
 def predict_looped(x, per_task: list, cmax: int, seed: int, cfg: dict,
@@ -282,14 +318,15 @@ def predict_looped(x, per_task: list, cmax: int, seed: int, cfg: dict,
   """The same per-task function in a Python loop; tasks of one attribute are
   padded to a common shape among themselves only (one compile per attribute),
   as a loop-based implementation would. Returns [(Tasks_of_attr, probs)]."""
-  fn = _compiled(*_hyper(cfg, attacker), False)
+  fn = _compiled(attacker, int(cfg["hidden"]), False)
+  hyper = _hyper(cfg)
   x = jnp.asarray(x)
   out = []
   for k in sorted({t[0] for t in per_task}):
     tasks = _stack([t for t in per_task if t[0] == k], cmax)
     keys = _keys(seed, tasks.fold)
     probs = [fn(x, tasks.train_idx[i], tasks.train_y[i], tasks.train_w[i],
-                tasks.test_idx[i], tasks.class_mask[i], keys[i])
+                tasks.val_w[i], tasks.test_idx[i], tasks.class_mask[i], keys[i], *hyper)
              for i in range(len(tasks.fold))]
     out.append((tasks, jnp.stack(probs)))
   return out

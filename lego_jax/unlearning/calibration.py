@@ -70,6 +70,7 @@ class Target(NamedTuple):
   """What calibration needs of the trained model, shared by all attributes."""
   e0: jax.Array               # (n, D) original user table
   topk: jax.Array             # (n, T) each user's original top-T unseen items, best first
+  scale: jax.Array            # () spread of the original top-T scores: the hinge's unit
 
 
 class State(NamedTuple):
@@ -82,10 +83,10 @@ class State(NamedTuple):
 
 
 class Trace(NamedTuple):
-  """Per-step values, for monitoring and for the stopping rule's report."""
-  mi: jax.Array
-  null: jax.Array
-  rank: jax.Array
+  """Per-step values (steps, A) for monitoring and the stopping rule's report."""
+  mi: jax.Array               # the MI estimate of each attribute in the table
+  null: jax.Array             # its permuted-label level
+  rank: jax.Array             # (steps,) the ranking hinge
 
 
 # `score_fn(table, users (B,), items (B, T)) -> (B, T)`: the frozen backbone
@@ -139,30 +140,39 @@ def init_state(key, e0, spec: Spec, lr) -> State:
 
 def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score_fn: ScoreFn,
               n_steps: int) -> tuple[State, Trace]:
-  """`n_steps` optimiser steps for one attribute; steps past `spec.steps` are no-ops."""
+  """`n_steps` optimiser steps; steps past `spec.steps` are no-ops.
+
+  `y` is one attribute's labels (n,) or several (A, n) whose MI terms are
+  summed in one table (the joint baseline); batches are stratified by the first.
+  """
   cal = calibrators.get(spec.calibrator)
-  e0, topk = target
+  e0, topk, scale = target
+  ys = y if y.ndim == 2 else y[None]
+  if spec.loss == "adversarial" and ys.shape[0] != 1:
+    raise LegoError("the adversarial surrogate calibrates one attribute per table")
   n = e0.shape[0]
   full = spec.batch_users <= 0 or spec.batch_users >= n
   tx = _adam(hp.lr)
 
-  def objective(params, users, m, perm, adv):
+  def objective(params, users, perm, adv):
     table = cal.table(params, e0)
     e = table[users]
-    yb = y[users]
+    yb = ys[:, users]
+    mb = (yb >= 0).astype(e.dtype)
     if spec.loss == "adversarial":
-      mi = losses.prior_kl(_adv_apply(adv, e), yb, m, spec.num_classes)
-      null = jnp.zeros(())
-      mi_term = mi
+      mi = losses.prior_kl(_adv_apply(adv, e), yb[0], mb[0], spec.num_classes)[None]
+      null = jnp.zeros_like(mi)
+      mi_term = mi[0]
     else:
       mi_fn = losses.MI_LOSSES[spec.loss]
-      k = losses.rbf_kernel(e, m)
-      mi = mi_fn(e, yb, m, spec.num_classes, k)
+      k = losses.rbf_kernel(e, jnp.ones_like(mb[0]))
+      per_attr = jax.vmap(lambda yy, mm: mi_fn(e, yy, mm, spec.num_classes, k))
+      mi = per_attr(yb, mb)
       # The estimator's level on permuted labels: what "no information" looks
       # like at this batch size. Pushing below it is the overshoot of §7.
-      null = jax.lax.stop_gradient(mi_fn(e, yb[perm], m[perm], spec.num_classes, k))
-      mi_term = jax.nn.relu(mi - null) if spec.stop == "null" else mi
-    rank = losses.rank_hinge(score_fn(table, users, topk[users]), spec.margin)
+      null = jax.lax.stop_gradient(per_attr(yb[:, perm], mb[:, perm]))
+      mi_term = jnp.sum(losses.excess_mi(mi, null, spec.stop == "null"))
+    rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin)
     pull = losses.l2_pull(e, e0[users])
     total = hp.w_mi * mi_term + hp.lam_rank * rank + hp.l2 * pull
     return total, (e, Trace(mi, null, rank))
@@ -171,11 +181,10 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
     key, k_batch, k_perm = jax.random.split(state.key, 3)
     if full:
       users = jnp.arange(n)
-      m = (y >= 0).astype(jnp.float32)
     else:
-      users, m = stratified_batch(k_batch, y, spec.batch_users)
+      users, _ = stratified_batch(k_batch, ys[0], spec.batch_users)
     perm = jax.random.permutation(k_perm, users.shape[0])
-    grads, (e, trace) = jax.grad(objective, has_aux=True)(state.params, users, m, perm, state.adv)
+    grads, (e, trace) = jax.grad(objective, has_aux=True)(state.params, users, perm, state.adv)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     live = state.step < spec.steps
     params = jax.tree.map(lambda p, u: p + jnp.where(live, u, 0.0), state.params, updates)
@@ -183,18 +192,19 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
     adv, adv_opt = state.adv, state.adv_opt
     if spec.loss == "adversarial":
       e = jax.lax.stop_gradient(e)
-      adv_tx = optax.adam(1e-2)
-      g_adv = jax.grad(lambda a: losses.cross_entropy(_adv_apply(a, e), y[users], m))(adv)
-      upd, adv_opt = adv_tx.update(g_adv, adv_opt, adv)
+      yb = ys[0, users]
+      g_adv = jax.grad(lambda a: losses.cross_entropy(_adv_apply(a, e), yb,
+                                                      (yb >= 0).astype(e.dtype)))(adv)
+      upd, adv_opt = optax.adam(1e-2).update(g_adv, adv_opt, adv)
       adv = optax.apply_updates(adv, upd)
     return State(params, opt_state, adv, adv_opt, key, state.step + live.astype(jnp.int32)), trace
 
   return jax.lax.scan(step, state, None, length=n_steps)
 
 
-def calibrate_one(e0, topk, y, hp: HParams, key, *, spec: Spec, score_fn: ScoreFn):
+def calibrate_one(target: Target, y, hp: HParams, key, *, spec: Spec, score_fn: ScoreFn):
   """One attribute, all steps: returns (brick (n, D), final State, Trace)."""
-  target = Target(e0, topk)
+  e0 = target.e0
   state = init_state(key, e0, spec, hp.lr)
   state, trace = run_steps(state, y, hp, target, spec=spec, score_fn=score_fn, n_steps=spec.steps)
   return brick(state, e0, spec), state, trace
@@ -211,7 +221,8 @@ def _chunk(states, labels, hps, target, *, spec, score_fn, n_steps):
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _init(keys, e0, lrs, *, spec):
+def init_states(keys, e0, lrs, *, spec):
+  """Stacked initial states, one per attribute key."""
   return jax.vmap(lambda k, lr: init_state(k, e0, spec, lr))(keys, lrs)
 
 
@@ -234,7 +245,7 @@ def calibrate(target: Target, labels, hps: HParams, keys, *, spec: Spec, score_f
   chex.assert_equal_shape_prefix([labels, keys], 1)
   chex.assert_axis_dimension(labels, 1, target.e0.shape[0])
   if state is None:
-    state = _init(keys, target.e0, hps.lr, spec=spec)
+    state = init_states(keys, target.e0, hps.lr, spec=spec)
   chunk = spec.chunk if 0 < spec.chunk < spec.steps else max(spec.steps, 1)
   trace = None
   while trace is None or int(jnp.min(state.step)) < spec.steps:

@@ -88,9 +88,13 @@ def combine(w, e0, bricks, active, mode: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "score_fn"))
-def fit(e0, bricks, labels, active, topk, key, hp: HParams, *, spec: Spec,
+def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
         score_fn: Callable) -> tuple[jax.Array, jax.Array, dict]:
-  """Learns the weights for the active bricks; returns (weights, E*, trace)."""
+  """Learns the weights for the active bricks; returns (weights, E*, trace).
+
+  `target` is the calibration's `Target` (original table, top-T lists, scale).
+  """
+  e0, topk, scale = target
   chex.assert_rank([e0, bricks, labels], [2, 3, 2])
   n = e0.shape[0]
   batch = n if spec.batch_users <= 0 else min(spec.batch_users, n)
@@ -107,8 +111,8 @@ def fit(e0, bricks, labels, active, topk, key, hp: HParams, *, spec: Spec,
     per_attr = jax.vmap(lambda y, m: mi_fn(e, y, m, spec.num_classes, k))
     mi = per_attr(ys, ms)
     null = jax.lax.stop_gradient(per_attr(ys[:, perm], ms[:, perm]))
-    gap = jax.nn.relu(mi - null) if spec.stop == "null" else mi
-    rank = losses.rank_hinge(score_fn(table, users, topk[users]), spec.margin)
+    gap = losses.excess_mi(mi, null, spec.stop == "null")
+    rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin)
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
     return total, {"mi": mi, "null": null, "rank": rank}
 

@@ -67,6 +67,18 @@ def d2d_mi(e, y, m, num_classes: int, kernel=None) -> jax.Array:
 MI_LOSSES = {"mmd": mmd_mi, "d2d": d2d_mi}
 
 
+def excess_mi(mi, null, stop_at_null: bool = True) -> jax.Array:
+  """The MI estimate in units of its permuted-label (no-information) level.
+
+  Dividing by the null level makes the weight comparable across attributes,
+  class counts and batch sizes. With `stop_at_null` only the excess above the
+  null is penalised, so the optimiser stops pushing once the attribute is
+  indistinguishable from noise instead of overshooting below chance.
+  """
+  ratio = mi / jnp.maximum(null, 1e-12)
+  return jax.nn.relu(ratio - 1.0) if stop_at_null else ratio
+
+
 def prior_kl(logits, y, m, num_classes: int) -> jax.Array:
   """Adversarial surrogate: mean KL(prior || q(a|e)) over valid users.
 

@@ -28,3 +28,14 @@ def top_unseen(score_fn, split: Split, t: int = 20, batch_users: int = 1024) -> 
     u = users[s:s + batch_users]
     out.append(np.asarray(_masked_top(score_fn(jnp.asarray(u)), jnp.asarray(seen[u]), t)))
   return np.concatenate(out).astype(np.int32)
+
+
+def score_scale(score_fn, topk, batch_users: int = 1024) -> float:
+  """Std of the original scores over the top-T lists: the hinge's unit.
+
+  Backbones score on different scales (dot products, logits); measuring the
+  margin in this unit lets one `lam_rank` serve them all.
+  """
+  n = topk.shape[0]
+  users = np.arange(min(n, batch_users), dtype=np.int32)
+  return float(jnp.std(score_fn(jnp.asarray(users), jnp.asarray(topk[users]))))

@@ -99,12 +99,17 @@ class Unlearner:
     # result do not depend on which attributes it was calibrated with.
     return calibration.Spec.from_config(self.cfg, max(num_classes), chunk=self.cfg["ckpt_every"])
 
-  def _target(self) -> calibration.Target:
-    bb = self.wd.backbone(progress=self.progress)
-    if not hasattr(self, "_topk"):
-      self._topk = preservation.top_unseen(bb.ranking_fn(bb.table()), self.wd.split,
-                                           self.cfg["topk"], self.wd.config["eval"]["batch_users"])
-    return calibration.Target(bb.table(), jnp.asarray(self._topk))
+  def target(self) -> calibration.Target:
+    """E0, each user's original top-T list and the score scale (computed once)."""
+    if not hasattr(self, "_target"):
+      bb = self.wd.backbone(progress=self.progress)
+      e0 = bb.table()
+      topk = preservation.top_unseen(bb.ranking_fn(e0), self.wd.split, self.cfg["topk"],
+                                     self.wd.config["eval"]["batch_users"])
+      score = bb.score_fn()
+      scale = preservation.score_scale(lambda u, i: score(e0, u, i), topk)
+      self._target = calibration.Target(e0, jnp.asarray(topk), jnp.float32(scale))
+    return self._target
 
   def calibrate(self, names, force: bool = False) -> list[str]:
     """Calibrates the named attributes that have no brick yet (all of them with `force`)."""
@@ -118,13 +123,13 @@ class Unlearner:
     if not todo:
       return []
     spec = self._spec()
-    target = self._target()
+    target = self.target()
     labels, _ = self.wd.labels(todo)
     hps = calibration.HParams.from_config(self.cfg, len(todo))
     keys = jnp.stack([attribute_key(self.wd.config["seed"], n) for n in todo])
     settings = {"attributes": todo, **{f: self.cfg[f] for f in BRICK_FIELDS},
                 "chunk": spec.chunk, **self._identity()}
-    state = self._resume(settings)
+    state = self._resume(settings, calibration.init_states(keys, target.e0, hps.lr, spec=spec))
     bb = self.wd.backbone(progress=False)
     bar = _progress(self.progress, spec.steps, f"calibrating {','.join(todo)}")
     start = 0 if state is None else int(np.min(state.step))
@@ -134,7 +139,7 @@ class Unlearner:
       step = int(np.min(st.step))
       bar.update(step - bar.n)
       if step < spec.steps:
-        checkpoint.save(self.bricks_dir / IN_PROGRESS, st._asdict(), settings)
+        checkpoint.save(self.bricks_dir / IN_PROGRESS, checkpoint.flatten(st), settings)
 
     bricks, state, trace = calibration.calibrate(target, labels, hps, keys, spec=spec,
                                                  score_fn=bb.score_fn(), state=state,
@@ -144,7 +149,7 @@ class Unlearner:
     for k, name in enumerate(todo):
       meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
               "settings": {f: self.cfg[f] for f in BRICK_FIELDS},
-              "final_mi": float(trace.mi[k, -1]), "final_null": float(trace.null[k, -1]),
+              "final_mi": float(trace.mi[k, -1, 0]), "final_null": float(trace.null[k, -1, 0]),
               "final_rank": float(trace.rank[k, -1]), **self._identity()}
       tree = {"delta": bricks[k]}
       if spec.calibrator == "residual":
@@ -153,7 +158,7 @@ class Unlearner:
     shutil.rmtree(self.bricks_dir / IN_PROGRESS, ignore_errors=True)
     return todo
 
-  def _resume(self, settings: dict) -> Optional[calibration.State]:
+  def _resume(self, settings: dict, template) -> Optional[calibration.State]:
     d = self.bricks_dir / IN_PROGRESS
     if not checkpoint.exists(d):
       return None
@@ -161,7 +166,7 @@ class Unlearner:
     if meta != settings:   # another request was interrupted: start afresh
       shutil.rmtree(d, ignore_errors=True)
       return None
-    return calibration.State(**jax.tree.map(jnp.asarray, tree))
+    return checkpoint.unflatten(template, tree)
 
   # ---- combination -------------------------------------------------------
   def combine(self, active) -> np.ndarray:
@@ -185,8 +190,8 @@ class Unlearner:
       spec = combination.Spec.from_config(ccfg, self.cfg, max(self.wd.labels(
           self.wd.attribute_names())[1]))
       key = jax.random.fold_in(jax.random.PRNGKey(self.wd.config["seed"]), 1)
-      w, table, _ = combination.fit(e0, bricks, jnp.asarray(labels), mask, self._target().topk,
-                                    key, combination.HParams.from_config(ccfg), spec=spec,
+      w, table, _ = combination.fit(self.target(), bricks, jnp.asarray(labels), mask, key,
+                                    combination.HParams.from_config(ccfg), spec=spec,
                                     score_fn=bb.score_fn())
       table, weights, names = np.asarray(table), np.asarray(w), order
     checkpoint.save(self.wd.path / "combination", {"table": table, "weights": weights},

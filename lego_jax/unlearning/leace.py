@@ -1,0 +1,154 @@
+"""LEACE: closed-form linear concept erasure (Belrose et al., 2023), per attribute.
+
+For one attribute with one-hot labels Z, fitted on the labelled users:
+  W = Sigma_xx^{-1/2} (whitening; eigendecomposition, small ridge for rank deficiency),
+  P = orthogonal projection onto col(W Sigma_xz),
+  x' = x - W^+ P W (x - mu).
+Afterwards Cov(x', Z) = 0 on the fitted users, i.e. every class-conditional mean
+equals the global mean, so no linear classifier beats a constant predictor
+(for any convex loss). The ridge keeps W invertible, and the guarantee holds
+exactly with any invertible W; it only moves the edit away from the
+least-squares optimum in near-null directions.
+
+Several attributes are erased one after another, each eraser fitted on the
+previous one's output. An eraser is an affine map, and an affine map sends
+equal class means to equal class means, so a later eraser does not re-expose
+an earlier attribute to linear probes; `rounds > 1` refits the whole chain
+anyway (a no-op up to float error, kept for float32 drift and as a check).
+
+Fitting runs in float64 numpy (deterministic on any device); `apply` works on
+numpy and JAX arrays alike (jit-able) and keeps the input dtype.
+"""
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lego_jax.errors import LegoError
+
+RIDGE = 1e-6   # relative to the mean eigenvalue of Sigma_xx
+RANK_TOL = 1e-8  # singular values of W Sigma_xz below this share of the largest are dropped
+
+
+class Eraser(NamedTuple):
+  """x' = x - (x - mean) @ proj.T; proj = W^+ P W is an oblique projection of rank `rank`."""
+  mean: np.ndarray   # (D,) float64, mean of the fitted (labelled) users
+  proj: np.ndarray   # (D, D) float64
+  rank: int          # rank of proj (at most the number of present classes - 1)
+  n_fit: int         # labelled users it was fitted on
+
+
+def identity(dim: int) -> Eraser:
+  """The eraser that changes nothing."""
+  return Eraser(np.zeros(dim), np.zeros((dim, dim)), 0, 0)
+
+
+def _check_x(x) -> np.ndarray:
+  x = np.asarray(x, dtype=np.float64)
+  if x.ndim != 2:
+    raise LegoError(f"leace: embeddings must be (users, dim), got shape {x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise LegoError("leace: embeddings contain NaN or inf")
+  return x
+
+
+def _check_codes(codes, n: int, num_classes: int, what: str = "labels") -> np.ndarray:
+  codes = np.asarray(codes)
+  if codes.shape != (n,):
+    raise LegoError(f"leace: {what} must have shape ({n},), got {codes.shape}")
+  if codes.size and (codes.min() < -1 or codes.max() >= num_classes):
+    raise LegoError(f"leace: {what} must lie in -1..{num_classes - 1}")
+  return codes.astype(np.int64)
+
+
+def fit(x, codes, num_classes: int, *, ridge: float = RIDGE) -> Eraser:
+  """The LEACE eraser of one attribute, fitted on the users with a label.
+
+  x: (n, D); codes: (n,) ints, -1 = missing. Where fewer than two classes have
+  labelled users there is nothing to erase and the identity eraser is returned.
+  """
+  x = _check_x(x)
+  n, dim = x.shape
+  codes = _check_codes(codes, n, int(num_classes))
+  keep = codes >= 0
+  xl, zl = x[keep], codes[keep]
+  if np.unique(zl).size < 2:
+    return identity(dim)
+  m = xl.shape[0]
+  mu = xl.mean(0)
+  xc = xl - mu
+  z = np.zeros((m, int(num_classes)))
+  z[np.arange(m), zl] = 1.0
+  sigma_xz = xc.T @ (z - z.mean(0)) / m           # (D, C)
+  sigma_xx = xc.T @ xc / m                         # (D, D)
+  evals, evecs = np.linalg.eigh((sigma_xx + sigma_xx.T) / 2)
+  evals = np.clip(evals, 0.0, None)
+  eps = ridge * max(float(evals.mean()), 1e-12)
+  root = np.sqrt(evals + eps)
+  whiten = (evecs / root) @ evecs.T               # W = Sigma^{-1/2}
+  unwhiten = (evecs * root) @ evecs.T             # W^+ = Sigma^{1/2}
+  u, s, _ = np.linalg.svd(whiten @ sigma_xz, full_matrices=False)
+  r = int(np.sum(s > RANK_TOL * max(float(s.max(initial=0.0)), 1e-300)))
+  basis = u[:, :r]
+  proj = unwhiten @ basis @ basis.T @ whiten
+  return Eraser(mu, proj, r, int(m))
+
+
+def apply(eraser: Eraser, x):
+  """x - (x - mean) @ proj.T for every row of x (labelled or not); keeps x's dtype.
+
+  numpy in, numpy out (computed in float64); a JAX array or tracer in, JAX out
+  (full-precision matmul, so GPUs do not fall back to TF32).
+  """
+  if isinstance(x, jax.Array):
+    mean = jnp.asarray(eraser.mean, x.dtype)
+    proj = jnp.asarray(eraser.proj, x.dtype)
+    return x - jnp.matmul(x - mean, proj.T, precision=jax.lax.Precision.HIGHEST)
+  x = np.asarray(x)
+  dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64
+  x64 = x.astype(np.float64)
+  return (x64 - (x64 - eraser.mean) @ eraser.proj.T).astype(dtype)
+
+
+def fit_chain(x, labels, num_classes: Sequence[int], *, rounds: int = 1,
+              ridge: float = RIDGE) -> list[Eraser]:
+  """Erasers for every attribute in order, each fitted on the previous output,
+  the whole chain repeated `rounds` times. labels: (K, n) ints, -1 = missing."""
+  x = _check_x(x)
+  labels = np.asarray(labels)
+  if labels.ndim == 1:
+    labels = labels[None]
+  num_classes = [int(c) for c in num_classes]
+  if labels.ndim != 2 or labels.shape[1] != x.shape[0]:
+    raise LegoError(f"leace: labels must be (attributes, {x.shape[0]} users), "
+                    f"got shape {labels.shape}")
+  if len(num_classes) != labels.shape[0]:
+    raise LegoError(f"leace: {labels.shape[0]} label rows but {len(num_classes)} class counts")
+  if int(rounds) < 1:
+    raise LegoError(f"leace: rounds must be >= 1, got {rounds}")
+  chain = []
+  for _ in range(int(rounds)):
+    for k, c in enumerate(num_classes):
+      _check_codes(labels[k], x.shape[0], c, what=f"labels of attribute {k}")
+      eraser = fit(x, labels[k], c, ridge=ridge)
+      x = apply(eraser, x)
+      chain.append(eraser)
+  return chain
+
+
+def apply_chain(chain: Sequence[Eraser], x):
+  for eraser in chain:
+    x = apply(eraser, x)
+  return x
+
+
+def erase(x, labels, num_classes: Sequence[int], *, rounds: int = 1,
+          ridge: float = RIDGE):
+  """Every attribute of `labels` (K, n) erased from x (n, D), composed in order;
+  returns x' with x's shape and dtype (numpy)."""
+  x_in = np.asarray(x)
+  chain = fit_chain(x_in, labels, num_classes, rounds=rounds, ridge=ridge)
+  dtype = x_in.dtype if np.issubdtype(x_in.dtype, np.floating) else np.float64
+  return apply_chain(chain, x_in.astype(np.float64)).astype(dtype)

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny synthetic workdir with a trained MF backbone."""
+
+import pathlib
+import shutil
+
+import pytest
+
+from lego_jax import config as config_lib
+from lego_jax.workdir import Workdir
+
+TINY = [
+    "data.synthetic_users=240", "data.synthetic_items=150", "data.synthetic_density=0.08",
+    "model.dim=16", "train.epochs=3", "train.batch_size=256", "train.lr=0.01",
+    "eval.batch_users=128",
+    "unlearn.steps=12", "unlearn.batch_users=64", "unlearn.ckpt_every=4", "unlearn.lr=0.01",
+    "combine.steps=6", "combine.lr=0.05",
+    "attack.steps=60",
+]
+
+
+def tiny_config(*extra):
+  return config_lib.resolve(None, TINY + list(extra))
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory) -> pathlib.Path:
+  """A workdir with a finished backbone; copy it (`fresh_workdir`) before changing it."""
+  path = tmp_path_factory.mktemp("wd") / "run"
+  Workdir.create(path, tiny_config()).backbone(progress=False)
+  return path
+
+
+@pytest.fixture
+def fresh_workdir(trained_workdir, tmp_path) -> pathlib.Path:
+  path = tmp_path / "run"
+  shutil.copytree(trained_workdir, path)
+  return path

@@ -1,0 +1,308 @@
+"""LEGO unlearning: losses, vmapped calibration, combination, requests, persistence."""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lego_jax import checkpoint
+from lego_jax.errors import LegoError
+from lego_jax.unlearning import calibration, combination, losses
+from lego_jax.unlearning.requests import IN_PROGRESS, Unlearner, attribute_key
+from lego_jax.workdir import Workdir
+
+
+# ---- losses -----------------------------------------------------------------
+def naive_mmd2(x, y, beta):
+  def k(a, b):
+    d2 = ((a[:, None] - b[None]) ** 2).sum(-1)
+    return sum(np.exp(-d2 / (beta * 2.0 ** j)) for j in losses.BANDWIDTH_EXPONENTS)
+  return k(x, x).mean() - 2 * k(x, y).mean() + k(y, y).mean()
+
+
+def test_mmd_mi_matches_naive_computation():
+  rng = np.random.default_rng(0)
+  e = rng.normal(size=(40, 3)).astype(np.float32)
+  y = rng.integers(0, 3, 40)
+  y[:4] = -1
+  m = (y >= 0).astype(np.float32)
+  valid = e[y >= 0]
+  d2 = ((valid[:, None] - valid[None]) ** 2).sum(-1)
+  beta = d2.sum() / (len(valid) * (len(valid) - 1))
+  want = sum((y == c).sum() / m.sum() * naive_mmd2(e[y == c], valid, beta) for c in range(3))
+  got = losses.mmd_mi(jnp.asarray(e), jnp.asarray(y), jnp.asarray(m), num_classes=5)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # D2D: classes 1, 2 against class 0.
+  want_d2d = sum(naive_mmd2(e[y == c], e[y == 0], beta) for c in (1, 2))
+  got_d2d = losses.d2d_mi(jnp.asarray(e), jnp.asarray(y), jnp.asarray(m), num_classes=5)
+  np.testing.assert_allclose(got_d2d, want_d2d, rtol=1e-4)
+
+
+def test_mmd_mi_grows_with_planted_signal():
+  rng = np.random.default_rng(1)
+  y = rng.integers(0, 2, 300)
+  noise = rng.normal(size=(300, 8))
+  m = jnp.ones(300)
+  vals = [float(losses.mmd_mi(jnp.asarray(noise + s * y[:, None]), jnp.asarray(y), m, 2))
+          for s in (0.0, 0.5, 2.0)]
+  assert vals[0] < vals[1] < vals[2]
+
+
+def test_excess_mi_is_zero_at_or_below_null():
+  np.testing.assert_allclose(losses.excess_mi(jnp.array([0.5, 1.0, 3.0]), jnp.ones(3)),
+                             [0.0, 0.0, 2.0])
+  np.testing.assert_allclose(losses.excess_mi(jnp.array(3.0), 1.5, stop_at_null=False), 2.0)
+
+
+def test_prior_kl_is_zero_at_the_prior():
+  y = jnp.array([0, 0, 0, 1])
+  logits = jnp.log(jnp.array([[0.75, 0.25]] * 4))
+  assert abs(float(losses.prior_kl(logits, y, jnp.ones(4), 2))) < 1e-6
+  assert float(losses.prior_kl(jnp.array([[5.0, -5.0]] * 4), y, jnp.ones(4), 2)) > 0.1
+
+
+def test_rank_hinge_counts_order_flips():
+  ok = jnp.array([[3.0, 2.0, 1.0]])
+  flipped = jnp.array([[1.0, 2.0, 3.0]])
+  assert float(losses.rank_hinge(ok, 0.05)) == 0.0
+  np.testing.assert_allclose(losses.rank_hinge(flipped, 0.05), 1.05)
+
+
+# ---- calibration on a small synthetic MF problem -----------------------------
+def problem(n=120, d=6, m=30, t=5, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = np.stack([rng.integers(0, 2, n), rng.integers(0, 3, n)]).astype(np.int32)
+  labels[1, :7] = -1
+  e0 = rng.normal(size=(n, d)) + 0.8 * labels[0, :, None] - 0.5 * (labels[1, :, None] == 2)
+  items = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+  e0 = jnp.asarray(e0, jnp.float32)
+  topk = jax.lax.top_k(e0 @ items.T, t)[1]
+  target = calibration.Target(e0, topk, jnp.float32(1.0))
+  return target, labels, score_fn_for(items)
+
+
+_SCORE_FNS = {}
+
+
+def score_fn_for(items):
+  # One function object per item table, so jit caches stay warm across tests.
+  key = id(items)
+  if key not in _SCORE_FNS:
+    _SCORE_FNS[key] = lambda table, users, it: jnp.einsum("bd,btd->bt", table[users], items[it])
+  return _SCORE_FNS[key]
+
+
+SPEC = calibration.Spec(num_classes=3, steps=8, batch_users=48, chunk=0)
+
+
+def hparams(k):
+  return calibration.HParams(*(jnp.full((k,), v, jnp.float32) for v in (1.0, 1.0, 0.1, 0.02)))
+
+
+def test_vmapped_calibration_equals_python_loop():
+  target, labels, score = problem()
+  keys = jnp.stack([attribute_key(0, "a"), attribute_key(0, "b")])
+  bricks, _, _ = calibration.calibrate(target, labels, hparams(2), keys, spec=SPEC, score_fn=score)
+  chex.assert_shape(bricks, (2,) + target.e0.shape)
+  for k in range(2):
+    hp = jax.tree.map(lambda x: x[k], hparams(2))
+    brick, _, _ = calibration.calibrate_one(target, jnp.asarray(labels[k]), hp, keys[k],
+                                            spec=SPEC, score_fn=score)
+    chex.assert_trees_all_close(bricks[k], brick, atol=1e-5)
+  assert float(jnp.abs(bricks).max()) > 0  # it moved
+
+
+class CalibrateOneTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_jit_equals_no_jit(self):
+    target, labels, score = problem(n=60)
+    hp = jax.tree.map(lambda x: x[0], hparams(1))
+    spec = calibration.Spec(num_classes=3, steps=3, batch_users=32)
+    fn = self.variant(lambda t, y, key: calibration.calibrate_one(
+        t, y, hp, key, spec=spec, score_fn=score)[0])
+    ref = calibration.calibrate_one(target, jnp.asarray(labels[1]), hp, attribute_key(0, "b"),
+                                    spec=spec, score_fn=score)[0]
+    chex.assert_trees_all_close(fn(target, jnp.asarray(labels[1]), attribute_key(0, "b")), ref,
+                                atol=1e-5)
+
+
+def test_same_seed_same_bricks_other_seed_differs():
+  target, labels, score = problem()
+  run = lambda seed: calibration.calibrate(
+      target, labels, hparams(2), jnp.stack([attribute_key(seed, "a"), attribute_key(seed, "b")]),
+      spec=SPEC, score_fn=score)[0]
+  chex.assert_trees_all_equal(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+
+
+def test_chunked_resume_equals_uninterrupted():
+  target, labels, score = problem()
+  keys = jnp.stack([attribute_key(0, "a"), attribute_key(0, "b")])
+  chunked = calibration.Spec(num_classes=3, steps=8, batch_users=48, chunk=3)
+  want, _, _ = calibration.calibrate(target, labels, hparams(2), keys, spec=chunked, score_fn=score)
+  saved = []
+
+  def interrupt(state):
+    saved.append(state)
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    calibration.calibrate(target, labels, hparams(2), keys, spec=chunked, score_fn=score,
+                          on_chunk=interrupt)
+  assert int(saved[0].step[0]) == 3
+  got, state, _ = calibration.calibrate(target, labels, hparams(2), keys, spec=chunked,
+                                        score_fn=score, state=saved[0])
+  assert int(state.step[0]) == 8
+  chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss,calibrator", [("d2d", "table"), ("adversarial", "table"),
+                                             ("mmd", "residual")])
+def test_loss_and_calibrator_options_run_and_reduce_leak(loss, calibrator):
+  target, labels, score = problem(n=200)
+  spec = calibration.Spec(num_classes=3, steps=40, batch_users=0, loss=loss, calibrator=calibrator)
+  hp = calibration.HParams(1.0, 0.1, 0.0, 0.05)
+  brick, _, trace = calibration.calibrate_one(target, jnp.asarray(labels[0]), hp,
+                                              attribute_key(0, "a"), spec=spec, score_fn=score)
+  y = labels[0]
+  gap = lambda e: float(np.linalg.norm(e[y == 1].mean(0) - e[y == 0].mean(0)))
+  e0 = np.asarray(target.e0)
+  assert np.isfinite(np.asarray(brick)).all()
+  assert gap(e0 + np.asarray(brick)) < 0.7 * gap(e0)
+
+
+def test_joint_labels_sum_attributes_in_one_table():
+  target, labels, score = problem()
+  hp = jax.tree.map(lambda x: x[0], hparams(1))
+  brick, _, trace = calibration.calibrate_one(target, jnp.asarray(labels), hp,
+                                              attribute_key(0, "joint"), spec=SPEC, score_fn=score)
+  chex.assert_shape(brick, target.e0.shape)
+  chex.assert_shape(trace.mi, (SPEC.steps, 2))
+
+
+def test_spec_rejects_unknown_options():
+  with pytest.raises(LegoError, match="valid: adversarial, d2d, mmd"):
+    calibration.Spec(num_classes=2, loss="kl")
+  with pytest.raises(LegoError, match="calibrator"):
+    calibration.Spec(num_classes=2, calibrator="mlp")
+  with pytest.raises(LegoError, match="combination mode"):
+    combination.Spec(num_classes=2, mode="sum")
+
+
+# ---- combination ----------------------------------------------------------------
+@pytest.mark.parametrize("mode", combination.MODES)
+def test_inactive_bricks_do_not_contribute(mode):
+  rng = np.random.default_rng(0)
+  e0 = jnp.asarray(rng.normal(size=(10, 4)), jnp.float32)
+  bricks = jnp.asarray(rng.normal(size=(3, 10, 4)), jnp.float32)
+  active = jnp.array([1.0, 0.0, 1.0])
+  w = jnp.asarray(rng.normal(size=(3, 4 if mode == "dim" else 1)), jnp.float32)
+  got = combination.combine(w, e0, bricks, active, mode)
+  bricks_changed = bricks.at[1].set(100.0)
+  chex.assert_trees_all_close(got, combination.combine(w, e0, bricks_changed, active, mode))
+
+
+def test_convex_combination_weights_sum_to_one():
+  coef = combination.coefficients(jnp.array([[0.3], [2.0], [-1.0]]), jnp.array([1.0, 0.0, 1.0]),
+                                  "convex")
+  np.testing.assert_allclose(float(coef.sum()), 1.0, rtol=1e-6)
+  assert float(coef[1, 0]) == 0.0
+
+
+def test_fit_reduces_mi_of_active_attributes():
+  target, labels, score = problem(n=200)
+  keys = jnp.stack([attribute_key(0, "a"), attribute_key(0, "b")])
+  spec = calibration.Spec(num_classes=3, steps=30, batch_users=0)
+  bricks, _, _ = calibration.calibrate(target, labels, hparams(2), keys, spec=spec, score_fn=score)
+  cspec = combination.Spec(num_classes=3, steps=20, batch_users=0)
+  w, table, trace = combination.fit(target, bricks, jnp.asarray(labels), jnp.ones(2),
+                                    jax.random.PRNGKey(0), combination.HParams(1.0, 0.1, 0.05),
+                                    spec=cspec, score_fn=score)
+  chex.assert_shape(w, (2, target.e0.shape[1]))
+  chex.assert_shape(table, target.e0.shape)
+  first = losses.mmd_mi(target.e0, jnp.asarray(labels[0]), jnp.ones(200), 3)
+  last = losses.mmd_mi(table, jnp.asarray(labels[0]), jnp.ones(200), 3)
+  assert float(last) < 0.5 * float(first)
+
+
+# ---- requests over a workdir ------------------------------------------------------
+def brick_mtimes(path):
+  return {d.name: os.stat(d / "metadata.json").st_mtime_ns
+          for d in (path / "bricks").iterdir() if not d.name.startswith(".")}
+
+
+def test_requests_reuse_bricks_and_match_direct_unlearning(fresh_workdir):
+  u = Unlearner(Workdir.open(fresh_workdir), progress=False)
+  assert u.calibrate(["gender", "age", "occupation"]) == ["gender", "age", "occupation"]
+  direct = u.combine(["gender", "occupation"])
+  before = brick_mtimes(fresh_workdir)
+  u.combine(["gender", "age", "occupation"])
+  u.withdraw("age")
+  np.testing.assert_array_equal(u.table("combined"), direct)
+  u.add("age")
+  assert u.active() == ["gender", "occupation", "age"]
+  assert brick_mtimes(fresh_workdir) == before       # no brick recalibrated
+  assert u.calibrate(["age"]) == []
+  status = u.status()
+  assert sorted(status["bricks"]) == ["age", "gender", "occupation"]
+  assert all(b["steps"] == 12 for b in status["bricks"].values())
+  with pytest.raises(LegoError, match="already active"):
+    u.add("age")
+  with pytest.raises(LegoError, match="valid: age, gender, occupation"):
+    u.add("religion")
+
+
+def test_single_active_brick_reproduces_that_brick(fresh_workdir):
+  wd = Workdir.open(fresh_workdir)
+  u = Unlearner(wd, progress=False)
+  u.unlearn(["gender"])
+  combined, brick, e0 = u.table("combined"), u.table("brick:gender"), u.table("original")
+  # The combination may rescale the brick per dimension, but stays close to it.
+  rel = np.linalg.norm(combined - brick) / np.linalg.norm(brick - e0)
+  assert rel < 0.5
+
+
+def test_interrupted_calibration_resumes(fresh_workdir):
+  wd = Workdir.open(fresh_workdir)
+  want = Unlearner(wd, progress=False)
+  want.calibrate(["gender"])
+  want_brick = want.table("brick:gender")
+  # Interrupt a second workdir's calibration after its first chunk.
+  import shutil
+  other = fresh_workdir.parent / "other"
+  shutil.copytree(fresh_workdir, other)
+  shutil.rmtree(other / "bricks")
+  u = Unlearner(Workdir.open(other), progress=False)
+  real_save = checkpoint.save
+  calls = []
+
+  def save_then_stop(directory, tree, meta):
+    real_save(directory, tree, meta)
+    calls.append(directory)
+    raise KeyboardInterrupt
+
+  checkpoint.save = save_then_stop
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      u.calibrate(["gender"])
+  finally:
+    checkpoint.save = real_save
+  assert calls and calls[0].name == IN_PROGRESS
+  assert checkpoint.restore(other / "bricks" / IN_PROGRESS)[1]["attributes"] == ["gender"]
+  u2 = Unlearner(Workdir.open(other), progress=False)
+  u2.calibrate(["gender"])
+  np.testing.assert_allclose(u2.table("brick:gender"), want_brick, atol=1e-6)
+  assert not (other / "bricks" / IN_PROGRESS).exists()
+
+
+def test_brick_from_another_backbone_is_refused(fresh_workdir):
+  wd = Workdir.open(fresh_workdir)
+  Unlearner(wd, progress=False).calibrate(["gender"])
+  tree, meta = checkpoint.restore(fresh_workdir / "bricks" / "gender")
+  checkpoint.save(fresh_workdir / "bricks" / "gender", tree, {**meta, "split": "0123456789abcdef"})
+  with pytest.raises(LegoError, match="differs: split"):
+    Unlearner(Workdir.open(fresh_workdir), progress=False).table("brick:gender")
