@@ -93,6 +93,7 @@ DEFAULTS: dict[str, Any] = {
         "methods": ["lego", "joint", "sequential", "leace", "adversarial"],
         "attackers": ["mlp", "linear"],
         "sweep": [],              # lam_rank values for the trade-off plot
+        "adversarial_weight": 1.0,  # gradient-reversal weight of the in-training baseline
     },
 }
 

@@ -109,3 +109,15 @@ def test_bad_metric():
   model, cfg = build("mf", metric="auc@5")
   with pytest.raises(LegoError, match="train.metric"):
     training.train(model, tiny_split(), cfg, progress=False)
+
+
+def test_negatives_avoid_positives():
+  split = tiny_split()  # every user trains on ~7 of the 25 items in its half
+  pos = training.positive_keys(split.train, split.n_users, split.n_items)
+  users = jnp.asarray(split.train[:, 0])
+  neg = training.sample_negatives(jax.random.PRNGKey(0), users, (len(users), 8), split.n_items,
+                                  jnp.asarray(pos))
+  chex.assert_shape(neg, (len(users), 8))
+  keys = np.asarray(users)[:, None] * split.n_items + np.asarray(neg)
+  assert np.isin(keys, pos).mean() < 0.001
+  assert 0 <= int(neg.min()) and int(neg.max()) < split.n_items

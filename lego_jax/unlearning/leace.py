@@ -1,14 +1,16 @@
 """LEACE: closed-form linear concept erasure (Belrose et al., 2023), per attribute.
 
 For one attribute with one-hot labels Z, fitted on the labelled users:
-  W = Sigma_xx^{-1/2} (whitening; eigendecomposition, small ridge for rank deficiency),
+  W = (Sigma_xx^{1/2})^+ (whitening by eigendecomposition; eigenvalues below
+      `rcond` times the largest count as zero, so rank-deficient tables work),
   P = orthogonal projection onto col(W Sigma_xz),
   x' = x - W^+ P W (x - mu).
 Afterwards Cov(x', Z) = 0 on the fitted users, i.e. every class-conditional mean
 equals the global mean, so no linear classifier beats a constant predictor
-(for any convex loss). The ridge keeps W invertible, and the guarantee holds
-exactly with any invertible W; it only moves the edit away from the
-least-squares optimum in near-null directions.
+(for any convex loss), and the edit is the smallest one that does so in mean
+squared norm. A pseudo-inverse rather than a ridge: a ridge would blow up the
+null directions of an already-erased table, so refitting on it would "erase"
+float32 noise and move the users along random directions.
 
 Several attributes are erased one after another, each eraser fitted on the
 previous one's output. An eraser is an affine map, and an affine map sends
@@ -28,8 +30,10 @@ import numpy as np
 
 from lego_jax.errors import LegoError
 
-RIDGE = 1e-6   # relative to the mean eigenvalue of Sigma_xx
-RANK_TOL = 1e-8  # singular values of W Sigma_xz below this share of the largest are dropped
+RCOND = 1e-10   # eigenvalues of Sigma_xx below RCOND * the largest are treated as 0
+# Singular values of W Sigma_xz (whitened class correlations, at most 0.5) below
+# this are float noise, not a concept: a linear probe cannot use them.
+ATOL = 1e-6
 
 
 class Eraser(NamedTuple):
@@ -63,7 +67,7 @@ def _check_codes(codes, n: int, num_classes: int, what: str = "labels") -> np.nd
   return codes.astype(np.int64)
 
 
-def fit(x, codes, num_classes: int, *, ridge: float = RIDGE) -> Eraser:
+def fit(x, codes, num_classes: int, *, rcond: float = RCOND) -> Eraser:
   """The LEACE eraser of one attribute, fitted on the users with a label.
 
   x: (n, D); codes: (n,) ints, -1 = missing. Where fewer than two classes have
@@ -84,13 +88,13 @@ def fit(x, codes, num_classes: int, *, ridge: float = RIDGE) -> Eraser:
   sigma_xz = xc.T @ (z - z.mean(0)) / m           # (D, C)
   sigma_xx = xc.T @ xc / m                         # (D, D)
   evals, evecs = np.linalg.eigh((sigma_xx + sigma_xx.T) / 2)
-  evals = np.clip(evals, 0.0, None)
-  eps = ridge * max(float(evals.mean()), 1e-12)
-  root = np.sqrt(evals + eps)
-  whiten = (evecs / root) @ evecs.T               # W = Sigma^{-1/2}
+  keep_dir = evals > rcond * max(float(evals.max()), 1e-300)
+  root = np.sqrt(np.where(keep_dir, evals, 0.0))
+  inv_root = np.where(keep_dir, 1.0 / np.where(keep_dir, root, 1.0), 0.0)
+  whiten = (evecs * inv_root) @ evecs.T           # W = (Sigma^{1/2})^+
   unwhiten = (evecs * root) @ evecs.T             # W^+ = Sigma^{1/2}
   u, s, _ = np.linalg.svd(whiten @ sigma_xz, full_matrices=False)
-  r = int(np.sum(s > RANK_TOL * max(float(s.max(initial=0.0)), 1e-300)))
+  r = int(np.sum(s > ATOL))
   basis = u[:, :r]
   proj = unwhiten @ basis @ basis.T @ whiten
   return Eraser(mu, proj, r, int(m))
@@ -113,7 +117,7 @@ def apply(eraser: Eraser, x):
 
 
 def fit_chain(x, labels, num_classes: Sequence[int], *, rounds: int = 1,
-              ridge: float = RIDGE) -> list[Eraser]:
+              rcond: float = RCOND) -> list[Eraser]:
   """Erasers for every attribute in order, each fitted on the previous output,
   the whole chain repeated `rounds` times. labels: (K, n) ints, -1 = missing."""
   x = _check_x(x)
@@ -132,7 +136,7 @@ def fit_chain(x, labels, num_classes: Sequence[int], *, rounds: int = 1,
   for _ in range(int(rounds)):
     for k, c in enumerate(num_classes):
       _check_codes(labels[k], x.shape[0], c, what=f"labels of attribute {k}")
-      eraser = fit(x, labels[k], c, ridge=ridge)
+      eraser = fit(x, labels[k], c, rcond=rcond)
       x = apply(eraser, x)
       chain.append(eraser)
   return chain
@@ -145,10 +149,10 @@ def apply_chain(chain: Sequence[Eraser], x):
 
 
 def erase(x, labels, num_classes: Sequence[int], *, rounds: int = 1,
-          ridge: float = RIDGE):
+          rcond: float = RCOND):
   """Every attribute of `labels` (K, n) erased from x (n, D), composed in order;
   returns x' with x's shape and dtype (numpy)."""
   x_in = np.asarray(x)
-  chain = fit_chain(x_in, labels, num_classes, rounds=rounds, ridge=ridge)
+  chain = fit_chain(x_in, labels, num_classes, rounds=rounds, rcond=rcond)
   dtype = x_in.dtype if np.issubdtype(x_in.dtype, np.floating) else np.float64
   return apply_chain(chain, x_in.astype(np.float64)).astype(dtype)

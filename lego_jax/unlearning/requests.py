@@ -93,7 +93,7 @@ class Unlearner:
                        for a, m in self.brick_meta().items()}}
 
   # ---- calibration -------------------------------------------------------
-  def _spec(self) -> calibration.Spec:
+  def spec(self) -> calibration.Spec:
     _, num_classes = self.wd.labels(self.wd.attribute_names())
     # Classes padded to the dataset's largest count, so a brick's program and
     # result do not depend on which attributes it was calibrated with.
@@ -122,7 +122,7 @@ class Unlearner:
     todo = [n for n in names if force or n not in done]
     if not todo:
       return []
-    spec = self._spec()
+    spec = self.spec()
     target = self.target()
     labels, _ = self.wd.labels(todo)
     hps = calibration.HParams.from_config(self.cfg, len(todo))

@@ -1,0 +1,101 @@
+"""LEGO and the baselines of DESIGN.md §8 behind one interface.
+
+Each method is `method(workdir, attributes) -> Outcome`: the unlearned user
+table and the backbone that scores it (the original one, except for
+in-training adversarial learning, which trains its own). The runner treats
+them alike.
+"""
+
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lego_jax import models, training
+from lego_jax.unlearning import calibration, leace as leace_lib
+from lego_jax.unlearning.requests import Unlearner, attribute_key
+from lego_jax.workdir import Backbone, Workdir
+
+
+class Outcome(NamedTuple):
+  table: np.ndarray
+  backbone: Backbone
+  seconds: float
+
+
+def _timed(fn: Callable) -> Callable:
+  def run(wd: Workdir, names) -> Outcome:
+    wd.backbone(progress=False)   # training time is not the method's
+    start = time.perf_counter()
+    table, backbone = fn(wd, list(names))
+    table = np.asarray(jax.block_until_ready(table))
+    return Outcome(table, backbone, time.perf_counter() - start)
+  run.__name__ = fn.__name__
+  run.__doc__ = fn.__doc__
+  return run
+
+
+def _one_table(wd: Workdir, u: Unlearner, target, labels, key):
+  """A single free table optimised for every attribute in `labels` at once."""
+  spec = u.spec()
+  hp = jax.tree.map(lambda x: x[0], calibration.HParams.from_config(u.cfg, 1))
+  brick, _, _ = calibration.calibrate_one(target, jnp.asarray(labels), hp, key, spec=spec,
+                                          score_fn=wd.backbone(progress=False).score_fn())
+  return target.e0 + brick
+
+
+@_timed
+def lego(wd: Workdir, names):
+  """LEGO: vmapped calibration per attribute, then Flexible Combination (stored bricks reused)."""
+  u = Unlearner(wd)
+  return u.unlearn(names), wd.backbone(progress=False)
+
+
+@_timed
+def joint(wd: Workdir, names):
+  """PoT-AU extended: one table, the sum of all attributes' MI terms, one optimisation."""
+  u = Unlearner(wd)
+  labels, _ = wd.labels(names)
+  key = attribute_key(wd.config["seed"], "joint:" + ",".join(names))
+  return _one_table(wd, u, u.target(), labels, key), wd.backbone(progress=False)
+
+
+@_timed
+def sequential(wd: Workdir, names):
+  """One attribute after another on the same table, each from the previous result."""
+  u = Unlearner(wd)
+  target = u.target()
+  table = target.e0
+  for name in names:
+    labels, _ = wd.labels([name])
+    table = _one_table(wd, u, target._replace(e0=table), labels[0],
+                       attribute_key(wd.config["seed"], "sequential:" + name))
+  return table, wd.backbone(progress=False)
+
+
+@_timed
+def leace(wd: Workdir, names):
+  """Closed-form linear erasure (LEACE) per attribute, composed."""
+  labels, num_classes = wd.labels(names)
+  bb = wd.backbone(progress=False)
+  return leace_lib.erase(np.asarray(bb.table()), labels, num_classes), bb
+
+
+@_timed
+def adversarial(wd: Workdir, names):
+  """In-training adversarial learning: one gradient-reversal head per attribute."""
+  from lego_jax.models import adversarial as adv
+  cfg = wd.config
+  labels, num_classes = wd.labels(names)
+  base = models.get(cfg["model"]["name"], cfg["model"], cfg["train"])
+  model = adv.make(base, jnp.asarray(labels), num_classes, weight=cfg["run"]["adversarial_weight"])
+  result = training.train(model, wd.split, cfg, ckpt_dir=wd.path / "methods" / "adversarial"
+                          / "backbone", progress=False)
+  bb = Backbone(model, jax.tree.map(jnp.asarray, result.params), result.aux)
+  return bb.table(), bb
+
+
+METHODS = {"lego": lego, "joint": joint, "sequential": sequential, "leace": leace,
+           "adversarial": adversarial}
