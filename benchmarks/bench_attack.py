@@ -13,6 +13,7 @@ the default `steps` was chosen). Prints one JSON object, then a table.
 """
 
 import argparse
+import importlib
 import itertools
 import json
 import pathlib
@@ -24,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax.config import DEFAULTS  # noqa: E402
-from lego_jax.evaluation import attack as attack_lib  # noqa: E402
+# The package re-exports the function `attack`, which hides the module.
+attack_lib = importlib.import_module("lego_jax.evaluation.attack")
 
 # Approximate ML-1M class shares (gender F/M; the 7 age codes; 21 occupations).
 _ML1M = {

@@ -1,6 +1,7 @@
 """Attackers and leakage metrics: hand-computed metrics, noise, signal, vmap."""
 
 import functools
+import importlib
 import math
 
 import chex
@@ -10,25 +11,24 @@ import numpy as np
 import pytest
 
 from lego_jax.errors import LegoError
-from lego_jax.evaluation import attack as attack_lib
 from lego_jax.evaluation import classification_metrics as cm
+
+# The package re-exports the function `attack`, which hides the module.
+attack_lib = importlib.import_module("lego_jax.evaluation.attack")
 
 FAST = {"steps": 20}
 
 
-def _noise(n=2000, dim=16, classes=(2, 4, 7), seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, dim)).astype(np.float32)
-  y = np.stack([rng.integers(0, c, n) for c in classes])
-  return x, y, list(classes)
-
-
-def _planted(n=1200, dim=8, classes=(2, 5), shift=1.0, seed=1):
+def _data(n=600, dim=8, classes=(2, 4, 7), shift=0.0, seed=0):
+  """Gaussian embeddings and uniform random labels; with shift > 0 every
+  class also moves the mean (a planted signal). The labels depend only on
+  (n, classes, seed), so the noise and signal versions share padded shapes
+  and hence one compiled attacker."""
   rng = np.random.default_rng(seed)
   y = np.stack([rng.integers(0, c, n) for c in classes])
   x = rng.normal(size=(n, dim))
   for k, c in enumerate(classes):
-    x = x + rng.normal(size=(c, dim))[y[k]] * shift / math.sqrt(dim) * 2
+    x = x + rng.normal(size=(c, dim))[y[k]] * shift * 2 / math.sqrt(dim)
   return x.astype(np.float32), y, list(classes)
 
 
@@ -117,7 +117,7 @@ class TrainAndPredictTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_equals_nojit_and_padded_class_is_masked(self):
-    x, y, _ = _planted(n=200, dim=4, classes=(3,))
+    x, y, _ = _data(n=200, dim=4, classes=(3,), shift=1.0)
     fn = functools.partial(attack_lib.train_and_predict, l2=1e-4, lr=1e-2, steps=5,
                            attacker="mlp", hidden=8)
     val = jnp.arange(150) % 5 == 0
@@ -132,7 +132,7 @@ class TrainAndPredictTest(chex.TestCase):
 
 @pytest.mark.parametrize("attacker", ["mlp", "linear"])
 def test_gaussian_noise_leaks_nothing(attacker):
-  x, y, classes = _noise()
+  x, y, classes = _data(n=2000, dim=16)
   out = attack_lib.attack(x, y, classes, attacker=attacker, seed=0)
   assert list(out) == ["attr0", "attr1", "attr2"]
   for name, r in out.items():
@@ -145,16 +145,16 @@ def test_gaussian_noise_leaks_nothing(attacker):
 
 @pytest.mark.parametrize("attacker", ["mlp", "linear"])
 def test_planted_signal_is_found(attacker):
-  x, y, classes = _planted()
+  x, y, classes = _data(shift=1.0)
   out = attack_lib.attack(x, y, classes, attacker=attacker, config={"steps": 100},
-                          names=["a", "b"])
+                          names=["a", "b", "c"])
   for name, r in out.items():
     assert r["bacc"] > r["chance"] + 0.2, (name, r)
     assert r["auc"] > 0.7, (name, r)
 
 
 def test_early_stopping_option_finds_signal():
-  x, y, classes = _planted(n=600, classes=(2, 3))
+  x, y, classes = _data(shift=1.0)
   out = attack_lib.attack(x, y, classes, attacker="linear",
                           config={"steps": 50, "val_frac": 0.2})
   for r in out.values():
@@ -162,7 +162,7 @@ def test_early_stopping_option_finds_signal():
 
 
 def test_vmapped_equals_python_loop():
-  x, y, classes = _noise(n=600, dim=8)
+  x, y, classes = _data()
   vm, *_ = attack_lib.attack_probs(x, y, classes, config=FAST)
   loop, *_ = attack_lib.attack_probs(x, y, classes, config=FAST, vmap=False)
   tasks, probs = vm[0]
@@ -179,14 +179,14 @@ def test_vmapped_equals_python_loop():
 
 
 def test_attribute_result_does_not_depend_on_its_neighbours():
-  x, y, classes = _planted()
-  both = attack_lib.attack(x, y, classes, config=FAST, names=["a", "b"])
+  x, y, classes = _data(shift=1.0)
+  both = attack_lib.attack(x, y, classes, config=FAST, names=["a", "b", "c"])
   alone = attack_lib.attack(x, y[:1], classes[:1], config=FAST, names=["a"])
   chex.assert_trees_all_close(both["a"], alone["a"], atol=1e-3)
 
 
 def test_seed_determinism():
-  x, y, classes = _noise(n=600, dim=8)
+  x, y, classes = _data()
   a = attack_lib.attack(x, y, classes, config=FAST, seed=3)
   b = attack_lib.attack(x, y, classes, config=FAST, seed=3)
   c = attack_lib.attack(x, y, classes, config=FAST, seed=4)
@@ -195,7 +195,7 @@ def test_seed_determinism():
 
 
 def test_missing_labels_are_excluded():
-  x, y, classes = _planted(n=600, classes=(2, 3))
+  x, y, classes = _data(classes=(2, 3), shift=1.0)
   y = y.copy()
   missing = np.arange(0, 600, 3)
   y[0, missing] = -1
@@ -211,7 +211,7 @@ def test_missing_labels_are_excluded():
 
 
 def test_paper_protocol():
-  x, y, classes = _planted(n=600, classes=(2,))
+  x, y, classes = _data(classes=(2,), shift=1.0)
   cfg = dict(FAST, paper_splits=4)
   out = attack_lib.attack(x, y, classes, attacker="linear", protocol="paper", config=cfg)
   assert out["attr0"]["folds"] == 4
@@ -219,7 +219,7 @@ def test_paper_protocol():
 
 
 def test_bad_input_raises_lego_error():
-  x, y, classes = _noise(n=100, dim=4, classes=(2,))
+  x, y, classes = _data(n=100, dim=4, classes=(2,))
   with pytest.raises(LegoError, match="valid: linear, mlp"):
     attack_lib.attack(x, y, classes, attacker="svm")
   with pytest.raises(LegoError, match="valid: cv5, paper"):
