@@ -14,7 +14,7 @@ import numpy as np
 
 from lego_jax import config as config_lib, data
 from lego_jax.errors import LegoError, unknown
-from lego_jax.evaluation import attack as attack_lib
+from lego_jax.evaluation.attack import attack as attack_embeddings
 from lego_jax.unlearning.requests import Unlearner
 from lego_jax.workdir import Workdir, write_json
 
@@ -106,7 +106,7 @@ def evaluate(args):
 def attack_table(wd: Workdir, table, attacker: str, protocol: str, names=None) -> dict:
   names = wd.attribute_names() if names is None else names
   labels, num_classes = wd.labels(names)
-  res = attack_lib.attack(np.asarray(table), labels, num_classes, attacker=attacker,
+  res = attack_embeddings(np.asarray(table), labels, num_classes, attacker=attacker,
                           protocol=protocol, seed=wd.config["seed"], config=wd.config["attack"],
                           names=names)
   return {a: {k: res[a][k] for k in ATTACK_KEYS} for a in names}

@@ -130,19 +130,19 @@ def parse_metric(metric: str) -> tuple[str, int]:
 
 
 def _state_tree(params, opt_state, best, key):
-  # Optax states are tuples of NamedTuples; save their leaves under ordered keys
-  # and rebuild the structure from a fresh `optimizer.init` on restore.
-  opt = {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(opt_state))}
-  return {"params": params, "best": best, "opt": opt, "key": key}
-
-
-def _like(template, restored):
-  return jax.tree.map(lambda t, r: jnp.asarray(r, dtype=jnp.asarray(t).dtype), template, restored)
+  # Optax states are tuples of NamedTuples, which Orbax would restore as plain
+  # containers: save leaves and rebuild from a fresh `optimizer.init`.
+  return {"params": checkpoint.flatten(params), "best": checkpoint.flatten(best),
+          "opt": checkpoint.flatten(opt_state), "key": key}
 
 
 def train(model: Model, split: Split, config: dict, *, ckpt_dir=None, progress: bool = True,
           max_epochs_this_call: Optional[int] = None) -> TrainResult:
   """Trains `model` on `split.train`, early-stopping on `config["train"]["metric"]` on valid.
+
+  The metric is evaluated every `eval_every` epochs (and after the last);
+  training stops after `patience` evaluations without improvement and returns
+  the best params. Without validation pairs the last params are returned.
 
   `max_epochs_this_call` stops after that many epochs without marking the run
   finished (a later call with the same `ckpt_dir` continues it).
@@ -173,10 +173,8 @@ def train(model: Model, split: Split, config: dict, *, ckpt_dir=None, progress: 
       if saved.get(field) != meta[field]:
         raise LegoError(f"checkpoint {ckpt_dir} was made with {field}={saved.get(field)!r}, "
                         f"not {meta[field]!r}; use another workdir")
-    opt_leaves = [tree["opt"][name] for name in sorted(tree["opt"])]
-    opt_def = jax.tree.structure(opt_state)
-    opt_state = jax.tree.unflatten(opt_def, [jnp.asarray(x) for x in opt_leaves])
-    params, best = _like(params, tree["params"]), _like(params, tree["best"])
+    opt_state = checkpoint.unflatten(opt_state, tree.get("opt", {}))
+    params, best = (checkpoint.unflatten(params, tree[n]) for n in ("params", "best"))
     key = jnp.asarray(tree["key"], jnp.uint32)
     meta = saved
 

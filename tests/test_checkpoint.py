@@ -50,3 +50,15 @@ def test_interrupted_swap_recovers(tmp_path):
   d.rename(tmp_path / ".ck.old")  # killed between the two renames of a later save
   assert checkpoint.exists(d)
   assert checkpoint.restore(d)[1] == {"epoch": 1}
+
+
+def test_flatten_keeps_namedtuples(tmp_path):
+  import optax
+  params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+  state = optax.adam(1e-3).init(params)
+  checkpoint.save(tmp_path / "ck", checkpoint.flatten(state), {})
+  got = checkpoint.unflatten(state, checkpoint.restore(tmp_path / "ck")[0])
+  assert type(got) is type(state) and type(got[0]) is type(state[0])
+  np.testing.assert_array_equal(got[0].mu["w"], state[0].mu["w"])
+  with pytest.raises(LegoError, match="expected"):
+    checkpoint.unflatten(state, {"00000": np.zeros(1)})

@@ -21,7 +21,10 @@ the embeddings), while the embeddings minimise `weight` times the heads'
 cross-entropy to the uniform distribution (heads frozen in that term). With
 free per-user embeddings, plain reversal tends to move the attribute into
 whichever direction the current head is not using, and a fresh attacker
-often finds *more* than before; the measurements are in the report.
+often finds *more* than before. Measured on the synthetic default with MF
+(linear-probe leakage gender / age / occupation, test NDCG@10): no heads
+.29 / .25 / .15, 0.294; reverse, weight 1: .33 / .41 / .79, 0.190; reverse,
+weight 0.1: .15 / .16 / .26, 0.257; confusion, weight 1: .12 / .10 / .01, 0.152.
 """
 
 import functools

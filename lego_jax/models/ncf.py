@@ -32,11 +32,11 @@ def make(model_cfg: dict, train_cfg: dict) -> Model:
   tower = Tower(layers)
   # Full-ranking scores run the MLP on every (user, item) pair; map over users
   # in chunks so memory stays at chunk * n_items * width.
-  chunk = 32
+  chunk = 64
 
   def init(key, n_users, n_items):
     k = jax.random.split(key, 6)
-    mlp = tower.init(k[4], jnp.zeros((1, 2 * dim)))["params"]
+    mlp = tower.init(k[4], jnp.zeros((1, 2 * dim))).get("params", {})
     out_in = dim + (layers[-1] if layers else 2 * dim)
     return {
         "gmf_user": xavier_normal(k[0], (n_users, dim)),
@@ -78,14 +78,30 @@ def make(model_cfg: dict, train_cfg: dict) -> Model:
   def score(params, aux, users, items=None):
     if items is not None:
       return pair_logits(params, users, items)
-    gi, mi = params["gmf_item"], params["mlp_item"]
+    if not layers:  # no MLP layers: the generic path
+      gi, mi = params["gmf_item"], params["mlp_item"]
+      return jax.lax.map(lambda u: logits(params, jnp.broadcast_to(params["gmf_user"][u], gi.shape),
+                                          jnp.broadcast_to(params["mlp_user"][u], mi.shape), gi, mi),
+                         users, batch_size=min(chunk, users.shape[0]))
+    # Full ranking runs the tower on every (user, item) pair. The first Dense
+    # layer is linear in concat(user, item), so project users and items once
+    # and add: this removes most of the work (the first layer is the widest).
+    mlp = params["mlp"]
+    k0, b0 = mlp["Dense_0"]["kernel"], mlp["Dense_0"]["bias"]
+    pu = params["mlp_user"][users] @ k0[:dim]                # (B, W0)
+    pi = params["mlp_item"] @ k0[dim:] + b0                  # (m, W0)
+    gi = params["gmf_item"]
+    w_out = params["out"]["kernel"][:, 0]
 
-    def one(u):
-      g = jnp.broadcast_to(params["gmf_user"][u], gi.shape)
-      m = jnp.broadcast_to(params["mlp_user"][u], mi.shape)
-      return logits(params, g, m, gi, mi)
+    def one(args):
+      gu, u0 = args
+      x = jax.nn.relu(u0[None, :] + pi)
+      for j in range(1, len(layers)):
+        x = jax.nn.relu(x @ mlp[f"Dense_{j}"]["kernel"] + mlp[f"Dense_{j}"]["bias"])
+      return (gi * gu) @ w_out[:dim] + x @ w_out[dim:] + params["out"]["bias"][0]
 
-    return jax.lax.map(one, users, batch_size=min(chunk, users.shape[0]))
+    gu = params["gmf_user"][users]
+    return jax.lax.map(one, (gu, pu), batch_size=min(chunk, users.shape[0]))
 
   def user_table(params):
     return jnp.concatenate([params["gmf_user"], params["mlp_user"]], axis=1)

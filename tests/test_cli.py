@@ -1,0 +1,116 @@
+"""The command line and the main job, end to end on a tiny synthetic workdir."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lego_jax import cli, experiment
+from lego_jax.unlearning import baselines
+from tests.conftest import TINY, tiny_config
+
+
+def run_cli(capsys, *argv):
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_data_inspect_json(capsys):
+  code, out, _ = run_cli(capsys, "data", "inspect", "synthetic", "--json",
+                         "--set", "data.synthetic_users=200", "--set", "data.synthetic_items=100")
+  assert code == 0
+  info = json.loads(out)
+  assert set(info) == {"dataset", "users", "items", "interactions", "attributes", "split"}
+  assert info["users"] == 200
+  assert set(info["attributes"]) == {"gender", "age", "occupation"}
+  assert sum(info["split"].values()) == info["interactions"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["data", "inspect", "ml-2m"], "unknown dataset 'ml-2m'; valid:"),
+    (["train", "--config", "nope", "--workdir", "/tmp/x"], "unknown config 'nope'; valid:"),
+    (["train", "--workdir", "/tmp/x", "--set", "train.epoch=3"], "unknown config field 'train.epoch'"),
+    (["train", "--workdir", "/tmp/x", "--set", "train.epochs=many"], "expects int"),
+    (["evaluate", "--workdir", "/nonexistent/wd"], "not a lego-jax workdir"),
+])
+def test_user_mistakes_exit_2_with_one_line(capsys, argv, message):
+  code, out, err = run_cli(capsys, *argv)
+  assert code == 2
+  assert message in err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_workdir_commands(capsys, fresh_workdir, tmp_path):
+  wd = str(fresh_workdir)
+  code, out, _ = run_cli(capsys, "unlearn", "--workdir", wd, "--attributes", "gender,age")
+  assert code == 0
+  code, out, _ = run_cli(capsys, "request", "status", "--workdir", wd, "--json")
+  status = json.loads(out)
+  assert status["active"] == ["gender", "age"]
+  assert set(status["bricks"]) == {"gender", "age"}
+  assert all(set(b) == {"created", "steps"} for b in status["bricks"].values())
+  assert run_cli(capsys, "request", "add", "occupation", "--workdir", wd)[0] == 0
+  assert run_cli(capsys, "request", "withdraw", "age", "--workdir", wd)[0] == 0
+  code, out, _ = run_cli(capsys, "request", "status", "--workdir", wd, "--json")
+  assert json.loads(out)["active"] == ["gender", "occupation"]
+
+  code, out, _ = run_cli(capsys, "evaluate", "--workdir", wd, "--json")
+  stages = json.loads(out)
+  assert set(stages) == {"original", "popularity", "combined"}
+  assert set(stages["combined"]) == {"recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20"}
+
+  code, out, _ = run_cli(capsys, "attack", "--workdir", wd, "--stage", "brick:gender",
+                         "--attacker", "linear", "--json")
+  res = json.loads(out)
+  assert (res["stage"], res["attacker"], res["protocol"]) == ("brick:gender", "linear", "cv5")
+  assert set(res["attributes"]["gender"]) == {"bacc", "macro_f1", "auc", "chance", "leakage", "ci95"}
+  assert abs(res["attributes"]["gender"]["leakage"]
+             - abs(res["attributes"]["gender"]["bacc"] - 0.5)) < 1e-9
+
+  code, _, err = run_cli(capsys, "attack", "--workdir", wd, "--stage", "brick:religion")
+  assert code == 2 and "valid: brick:age, brick:gender, brick:occupation, combined, original" in err
+
+  out_file = tmp_path / "e.npz"
+  assert run_cli(capsys, "export", "--workdir", wd, "--stage", "combined", "--out", str(out_file))[0] == 0
+  z = np.load(out_file)
+  assert z["embeddings"].dtype == np.float32 and z["embeddings"].shape[0] == len(z["user_ids"])
+  assert z["user_ids"].dtype.kind == "U"
+  assert set(z["attr_gender_classes"]) == {"F", "M"}
+  assert z["attr_age"].min() >= -1
+
+
+def test_main_job_writes_results_report_and_plots(tmp_path):
+  cfg = tiny_config("run.sweep=[1.0, 100.0]")
+  results = experiment.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+  for f in ("results.json", "report.md", "leakage.png", "tradeoff.png", "config.json"):
+    assert (tmp_path / "run" / f).is_file(), f
+  stored = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert set(stored["methods"]) == {"original", "popularity", "lego", "joint", "sequential",
+                                    "leace", "adversarial"}
+  for m in ("lego", "joint", "sequential", "leace", "adversarial"):
+    r = stored["methods"][m]
+    assert set(r) == {"ranking", "retention", "attack", "seconds"}
+    assert set(r["attack"]) == {"mlp", "linear"}
+    assert set(r["attack"]["mlp"]) == {"gender", "age", "occupation"}
+  assert len(stored["sweep"]) == 2
+  report = (tmp_path / "run" / "report.md").read_text()
+  assert "| lego " in report and "| leace " in report
+  assert results["methods"]["lego"]["ranking"] == stored["methods"]["lego"]["ranking"]
+
+
+def test_failing_stage_is_named_and_finished_stages_kept(tmp_path, monkeypatch):
+  cfg = tiny_config("run.methods=[\"lego\", \"leace\"]")
+
+  def broken(wd, names):
+    raise RuntimeError("boom")
+
+  monkeypatch.setitem(baselines.METHODS, "leace", broken)
+  monkeypatch.setitem(experiment.METHODS, "leace", broken)
+  with pytest.raises(experiment.StageError, match="stage 'method:leace' failed with RuntimeError: boom"):
+    experiment.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+  run = tmp_path / "run"
+  assert (run / "backbone").is_dir() and (run / "combination").is_dir()
+  assert (run / "stages" / "method_lego.json").is_file()
+  assert not (run / "stages" / "method_leace.json").exists()
