@@ -93,7 +93,11 @@ DEFAULTS: dict[str, Any] = {
         "methods": ["lego", "joint", "sequential", "leace", "adversarial"],
         "attackers": ["mlp", "linear"],
         "sweep": [],              # lam_rank values for the trade-off plot
-        "adversarial_weight": 1.0,  # gradient-reversal weight of the in-training baseline
+        # The in-training adversarial baseline: "confusion" (heads learn on
+        # stopped embeddings, embeddings pushed to uniform predictions) or plain
+        # gradient "reverse"al, which leaked more than the original when measured.
+        "adversarial_objective": "confusion",
+        "adversarial_weight": 1.0,
     },
 }
 

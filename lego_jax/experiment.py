@@ -36,7 +36,8 @@ def _stage(wd: Workdir, name: str, fn, progress):
   """Runs `fn` once per settings: a stored outcome with the same settings is reused."""
   path = wd.path / "stages" / f"{name.replace(':', '_')}.json"
   settings = {f: wd.config[f] for f in STAGE_FIELDS}
-  settings["adversarial_weight"] = wd.config["run"]["adversarial_weight"]
+  settings["adversarial"] = [wd.config["run"]["adversarial_weight"],
+                            wd.config["run"]["adversarial_objective"]]
   if path.is_file():
     stored = json.loads(path.read_text())
     if stored.get("settings") == settings:

@@ -90,7 +90,8 @@ def adversarial(wd: Workdir, names):
   cfg = wd.config
   labels, num_classes = wd.labels(names)
   base = models.get(cfg["model"]["name"], cfg["model"], cfg["train"])
-  model = adv.make(base, jnp.asarray(labels), num_classes, weight=cfg["run"]["adversarial_weight"])
+  model = adv.make(base, jnp.asarray(labels), num_classes, weight=cfg["run"]["adversarial_weight"],
+                   objective=cfg["run"]["adversarial_objective"])
   result = training.train(model, wd.split, cfg, ckpt_dir=wd.path / "methods" / "adversarial"
                           / "backbone", progress=False)
   bb = Backbone(model, jax.tree.map(jnp.asarray, result.params), result.aux)
