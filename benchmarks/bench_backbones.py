@@ -86,8 +86,8 @@ def main(argv=None):
          "n_train": int(len(split.train)), "batch_size": args.batch_size,
          "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "results": rows}
   print(json.dumps(out))
-  print(f"\n{ds.name}: {split.n_users} users, {split.n_items} items, {len(split.train)} train pairs,"
-        f" batch {args.batch_size}, {out['device']}")
+  print(f"\n{ds.name}: {split.n_users} users, {split.n_items} items,"
+        f" {len(split.train)} train pairs, batch {args.batch_size}, {out['device']}")
   print(f"{'backbone':<10} {'s/epoch':>9} {'1st epoch':>10} {'eval s':>8} {'loss':>8}")
   for r in rows:
     print(f"{r['backbone']:<10} {r['epoch_s']:>9.3f} {r['first_epoch_s']:>10.3f}"

@@ -96,5 +96,5 @@ def unflatten(template, flat: dict):
   like = jax.tree.leaves(template)
   if len(leaves) != len(like):
     raise LegoError(f"checkpoint holds {len(leaves)} arrays, expected {len(like)}")
-  return jax.tree.unflatten(jax.tree.structure(template),
-                            [jnp.asarray(x, dtype=jnp.asarray(t).dtype) for x, t in zip(leaves, like)])
+  leaves = [jnp.asarray(x, dtype=jnp.asarray(t).dtype) for x, t in zip(leaves, like)]
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)

@@ -14,7 +14,7 @@ import numpy as np
 
 from lego_jax import config as config_lib, data
 from lego_jax.errors import LegoError, unknown
-from lego_jax.evaluation.attack import attack as attack_embeddings
+from lego_jax.evaluation.attackers import attack as attack_embeddings
 from lego_jax.unlearning.requests import Unlearner
 from lego_jax.workdir import Workdir, write_json
 

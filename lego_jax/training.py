@@ -81,7 +81,10 @@ def epoch_batches(key, train_pairs, *, n_items: int, batch_size: int, negatives:
 
 
 def make_step(model: Model, optimizer: optax.GradientTransformation) -> Callable:
-  """One optimiser step: (params, opt_state, aux, pairs (B,2), neg (B,N)) -> (params, opt_state, loss)."""
+  """One optimiser step.
+
+  (params, opt_state, aux, pairs (B,2), neg (B,N)) -> (params, opt_state, loss).
+  """
 
   def step(params, opt_state, aux, pairs, neg):
     loss, grads = jax.value_and_grad(model.loss)(params, aux, pairs[:, 0], pairs[:, 1], neg)

@@ -14,7 +14,7 @@ from lego_jax import models, training
 from lego_jax.data.load import load_dataset
 from lego_jax.data.split import split_dataset
 from lego_jax.errors import LegoError
-from lego_jax.evaluation.attack import attack
+from lego_jax.evaluation.attackers import attack
 from lego_jax.models import adversarial
 
 EPOCHS = 20

@@ -1,8 +1,9 @@
 """Attackers and leakage metrics: hand-computed metrics, noise, signal, vmap."""
 
 import functools
-import importlib
 import math
+import os
+import pathlib
 
 import chex
 import jax
@@ -13,8 +14,7 @@ import pytest
 from lego_jax.errors import LegoError
 from lego_jax.evaluation import classification_metrics as cm
 
-# The package re-exports the function `attack`, which hides the module.
-attack_lib = importlib.import_module("lego_jax.evaluation.attack")
+from lego_jax.evaluation import attackers as attack_lib  # noqa: E402
 
 FAST = {"steps": 20}
 
@@ -235,3 +235,27 @@ def test_bad_input_raises_lego_error():
   tiny[0, :3] = [0, 1, 1]
   with pytest.raises(LegoError, match="attr0 needs at least 2 classes"):
     attack_lib.attack(x, tiny, classes)
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.realdata
+def test_ml100k_svd_embeddings_leak_gender():
+  """64-d SVD embeddings of ML-100K's interactions leak gender (as MF does)."""
+  root = os.environ.get("LEGO_DATA_DIR")
+  if not root:
+    pytest.skip("LEGO_DATA_DIR not set: the MovieLens folder (with ml-100k/) is needed")
+  folder = pathlib.Path(root) / "ml-100k"
+  if not (folder / "u.data").is_file():
+    pytest.skip(f"{folder}/u.data not found")
+  inter = np.loadtxt(folder / "u.data", dtype=np.int64)[:, :2] - 1
+  users = [line.split("|") for line in (folder / "u.user").read_text().splitlines()]
+  gender = np.array([u[2] == "M" for u in users], dtype=np.int64)
+  m = np.zeros((len(users), inter[:, 1].max() + 1), dtype=np.float32)
+  m[inter[:, 0], inter[:, 1]] = 1.0
+  u, s, _ = np.linalg.svd(m, full_matrices=False)
+  emb = u[:, :32] * np.sqrt(s[:32])
+  out = attack_lib.attack(emb, gender[None], [2], attacker="linear", names=["gender"])
+  assert out["gender"]["bacc"] > 0.58, out
+  assert out["gender"]["n"] == 2 * 273

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lego_jax.errors import LegoError
-from lego_jax.evaluation.attack import attack
+from lego_jax.evaluation.attackers import attack
 from lego_jax.unlearning import leace
 
 CLASSES = [2, 3, 4]

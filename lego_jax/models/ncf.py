@@ -80,9 +80,12 @@ def make(model_cfg: dict, train_cfg: dict) -> Model:
       return pair_logits(params, users, items)
     if not layers:  # no MLP layers: the generic path
       gi, mi = params["gmf_item"], params["mlp_item"]
-      return jax.lax.map(lambda u: logits(params, jnp.broadcast_to(params["gmf_user"][u], gi.shape),
-                                          jnp.broadcast_to(params["mlp_user"][u], mi.shape), gi, mi),
-                         users, batch_size=min(chunk, users.shape[0]))
+
+      def generic(u):
+        g = jnp.broadcast_to(params["gmf_user"][u], gi.shape)
+        return logits(params, g, jnp.broadcast_to(params["mlp_user"][u], mi.shape), gi, mi)
+
+      return jax.lax.map(generic, users, batch_size=min(chunk, users.shape[0]))
     # Full ranking runs the tower on every (user, item) pair. The first Dense
     # layer is linear in concat(user, item), so project users and items once
     # and add: this removes most of the work (the first layer is the widest).
