@@ -1,14 +1,17 @@
 """LightGCN: BPR on embeddings propagated over the normalised user-item graph.
 
-The graph is stored as edge lists (both directions, sorted by destination)
-with weights 1/sqrt(deg_u deg_i); propagation is a gather plus
-`jax.ops.segment_sum`, so no dense n x m matrix is built. The user table the
-unlearning stages edit is the layer-0 (ego) table; scores always propagate.
+The graph is stored in CSR form (both directions, rows = destinations) with
+weights 1/sqrt(deg_u deg_i); propagation is a sparse-dense product
+(`jax.experimental.sparse.BCSR`) on CPU and a gather plus a sorted
+`jax.ops.segment_sum` elsewhere, so no dense n x m matrix is built. The user
+table the unlearning stages edit is the layer-0 (ego) table; scores always
+propagate through the frozen graph.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import sparse
 
 from lego_jax.models.base import Model
 from lego_jax.models.mf import bpr_loss, l2_batch, xavier_normal
@@ -27,23 +30,31 @@ def normalized_edges(train_pairs, n_users, n_items):
   return dst[order].astype(np.int32), src[order].astype(np.int32), w[order].astype(np.float32)
 
 
+def csr_indptr(dst: np.ndarray, n_nodes: int) -> np.ndarray:
+  """Row pointers of the destination-sorted edge list."""
+  return np.concatenate([[0], np.cumsum(np.bincount(dst, minlength=n_nodes))]).astype(np.int32)
+
+
 @jax.custom_vjp
-def _spmm(x, dst, src, w):
-  """A_hat @ x for the edge lists of `normalized_edges`."""
-  return jax.ops.segment_sum(w[:, None] * x[src], dst, num_segments=x.shape[0],
-                             indices_are_sorted=True)
+def _spmm(x, graph):
+  """A_hat @ x; graph = {"indptr", "dst", "src", "w"} (CSR, rows = destinations)."""
+  n = x.shape[0]
+  if jax.default_backend() == "cpu":
+    # ~15x faster on CPU than gather + segment_sum (ML-1M graph, d=64: 25 ms vs
+    # 390 ms per layer); on GPU the segment sum is fast and well trodden.
+    return sparse.BCSR((graph["w"], graph["src"], graph["indptr"]), shape=(n, n)) @ x
+  return jax.ops.segment_sum(graph["w"][:, None] * x[graph["src"]], graph["dst"],
+                             num_segments=n, indices_are_sorted=True)
 
 
-def _spmm_fwd(x, dst, src, w):
-  return _spmm(x, dst, src, w), (dst, src, w)
+def _spmm_fwd(x, graph):
+  return _spmm(x, graph), graph
 
 
-def _spmm_bwd(res, g):
-  # A_hat is symmetric, so the cotangent is A_hat @ g: the same sorted
-  # segment sum instead of an unsorted scatter-add (~20% faster on CPU).
-  # The graph is frozen: no gradient for its arrays.
-  dst, src, w = res
-  return _spmm(g, dst, src, w), None, None, None
+def _spmm_bwd(graph, g):
+  # A_hat is symmetric, so the cotangent is A_hat @ g: the same product, no
+  # transposed kernel or unsorted scatter. The graph is frozen: zero gradient.
+  return _spmm(g, graph), None
 
 
 _spmm.defvjp(_spmm_fwd, _spmm_bwd)
@@ -53,7 +64,7 @@ def propagate(ego, aux, n_layers):
   """Mean of layers 0..n_layers of A_hat^l @ ego; ego (N, D)."""
   x, total = ego, ego
   for _ in range(n_layers):
-    x = _spmm(x, aux["dst"], aux["src"], aux["w"])
+    x = _spmm(x, aux)
     total = total + x
   return total / (n_layers + 1)
 
@@ -69,7 +80,9 @@ def make(model_cfg: dict, train_cfg: dict) -> Model:
 
   def build_aux(train_pairs, n_users, n_items):
     dst, src, w = normalized_edges(train_pairs, n_users, n_items)
-    return {"dst": jnp.asarray(dst), "src": jnp.asarray(src), "w": jnp.asarray(w)}
+    indptr = csr_indptr(dst, n_users + n_items)
+    return {"indptr": jnp.asarray(indptr), "dst": jnp.asarray(dst), "src": jnp.asarray(src),
+            "w": jnp.asarray(w)}
 
   def final(params, aux):
     n_users = params["user"].shape[0]
