@@ -94,12 +94,7 @@ def train_and_evaluate(config: dict, workdir, progress: bool = True) -> dict:
 
   start = time.perf_counter()
   say("stage backbone: train or reuse")
-  try:
-    wd.backbone(progress=progress)
-  except LegoError:
-    raise
-  except Exception as e:
-    raise StageError(f"stage 'backbone' failed with {type(e).__name__}: {e}") from e
+  wd.backbone(progress=progress)  # checkpointed every epoch by training itself
   results["seconds_backbone"] = time.perf_counter() - start
 
   original = _stage(wd, "original", lambda: _assess(wd, None, None, names, 0.0), say)

@@ -8,15 +8,14 @@ and attacks of every result -> results.json, report.md and plots.
 import json
 import os
 import pathlib
-import time
 
 import numpy as np
 
 from lego_jax import config as config_lib, data
-from lego_jax.errors import LegoError, unknown
+from lego_jax.errors import LegoError
 from lego_jax.evaluation.attackers import attack as attack_embeddings
 from lego_jax.unlearning.requests import Unlearner
-from lego_jax.workdir import Workdir, write_json
+from lego_jax.workdir import Workdir
 
 RANKING_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
 ATTACK_KEYS = ("bacc", "macro_f1", "auc", "chance", "leakage", "ci95")

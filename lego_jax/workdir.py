@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lego_jax import checkpoint, config as config_lib, data as data_lib, models, training
+from lego_jax import config as config_lib, data as data_lib, models, training
 from lego_jax.errors import LegoError, unknown
 from lego_jax.evaluation import ranking
 
@@ -156,10 +156,6 @@ class Workdir:
         raise unknown("attribute", name, attrs)
     return (np.stack([attrs[a].codes for a in names]).astype(np.int32),
             [attrs[a].num_classes for a in names])
-
-  def has_backbone(self) -> bool:
-    return checkpoint.exists(self.path / "backbone") and checkpoint.restore(
-        self.path / "backbone")[1].get("done", False)
 
   def backbone(self, progress: bool = True) -> Backbone:
     """The trained backbone: trains it (or resumes training) where not finished."""

@@ -1,14 +1,13 @@
 """The command line and the main job, end to end on a tiny synthetic workdir."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 from lego_jax import cli, experiment
 from lego_jax.unlearning import baselines
-from tests.conftest import TINY, tiny_config
+from tests.conftest import tiny_config
 
 
 def run_cli(capsys, *argv):

@@ -16,6 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from lego_jax import checkpoint
 from lego_jax.errors import LegoError, unknown
@@ -23,9 +24,10 @@ from lego_jax.unlearning import calibration, combination, preservation
 from lego_jax.workdir import Workdir
 
 IN_PROGRESS = ".in-progress"
-# Fields of `unlearn` that change what a brick is; a stored brick made with
-# other values is still used (a request never redoes finished bricks) but
-# reported by `status`.
+# Fields of `unlearn` that change what a brick is. They are stored in each
+# brick's metadata; a stored brick is reused as it is (a request never redoes
+# finished bricks; `calibrate(..., force=True)` does), and an interrupted
+# calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
                 "topk", "margin", "stop")
 
@@ -93,11 +95,13 @@ class Unlearner:
                        for a, m in self.brick_meta().items()}}
 
   # ---- calibration -------------------------------------------------------
+  def num_classes(self) -> int:
+    """Classes are padded to the dataset's largest count, so a brick's program
+    and result do not depend on which attributes it was calibrated with."""
+    return max(self.wd.labels(self.wd.attribute_names())[1])
+
   def spec(self) -> calibration.Spec:
-    _, num_classes = self.wd.labels(self.wd.attribute_names())
-    # Classes padded to the dataset's largest count, so a brick's program and
-    # result do not depend on which attributes it was calibrated with.
-    return calibration.Spec.from_config(self.cfg, max(num_classes), chunk=self.cfg["ckpt_every"])
+    return calibration.Spec.from_config(self.cfg, self.num_classes(), chunk=self.cfg["ckpt_every"])
 
   def target(self) -> calibration.Target:
     """E0, each user's original top-T list and the score scale (computed once)."""
@@ -184,11 +188,10 @@ class Unlearner:
     else:
       order = [a for a in self.wd.attribute_names() if a in stored]
       bricks = jnp.stack([self._load_brick(a) for a in order])
-      labels, num_classes = self.wd.labels(order)
+      labels, _ = self.wd.labels(order)
       mask = jnp.asarray([a in active for a in order], jnp.float32)
       ccfg = self.wd.config["combine"]
-      spec = combination.Spec.from_config(ccfg, self.cfg, max(self.wd.labels(
-          self.wd.attribute_names())[1]))
+      spec = combination.Spec.from_config(ccfg, self.cfg, self.num_classes())
       key = jax.random.fold_in(jax.random.PRNGKey(self.wd.config["seed"]), 1)
       w, table, _ = combination.fit(self.target(), bricks, jnp.asarray(labels), mask, key,
                                     combination.HParams.from_config(ccfg), spec=spec,
@@ -237,5 +240,4 @@ class Unlearner:
 
 
 def _progress(enabled: bool, total: int, desc: str):
-  from tqdm.auto import tqdm
   return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
