@@ -81,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_users": 1024,      # class-stratified minibatch size; 0 = full batch
         "topk": 20,
         "margin": 0.05,
+        "bandwidths": [-2, -1, 0, 1, 2],  # RBF kernel bandwidths beta * 2^j
         "stop": "null",           # null | steps
         "ckpt_every": 50,         # steps between checkpoints of a calibration in progress
     },

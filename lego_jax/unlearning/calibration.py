@@ -37,6 +37,7 @@ class Spec:
   stop: str = "null"          # null: no MI gradient once the MI estimate is at its permuted-label level
   margin: float = 0.05
   chunk: int = 0              # steps per compiled chunk (0 = all at once)
+  bandwidths: tuple = losses.BANDWIDTH_EXPONENTS  # RBF bandwidths beta * 2^j
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -51,7 +52,8 @@ class Spec:
   def from_config(cls, cfg: dict, num_classes: int, chunk: int = 0) -> "Spec":
     return cls(num_classes=num_classes, steps=cfg["steps"], batch_users=cfg["batch_users"],
                loss=cfg["loss"], calibrator=cfg["calibrator"], stop=cfg["stop"],
-               margin=cfg["margin"], chunk=chunk)
+               margin=cfg["margin"], chunk=chunk,
+               bandwidths=tuple(cfg.get("bandwidths", losses.BANDWIDTH_EXPONENTS)))
 
 
 class HParams(NamedTuple):
@@ -165,7 +167,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       mi_term = mi[0]
     else:
       mi_fn = losses.MI_LOSSES[spec.loss]
-      k = losses.rbf_kernel(e, jnp.ones_like(mb[0]))
+      k = losses.rbf_kernel(e, jnp.ones_like(mb[0]), spec.bandwidths)
       per_attr = jax.vmap(lambda yy, mm: mi_fn(e, yy, mm, spec.num_classes, k))
       mi = per_attr(yb, mb)
       # The estimator's level on permuted labels: what "no information" looks

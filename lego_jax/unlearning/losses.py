@@ -13,7 +13,7 @@ import jax.numpy as jnp
 BANDWIDTH_EXPONENTS = (-2, -1, 0, 1, 2)
 
 
-def rbf_kernel(e: jax.Array, m: jax.Array) -> jax.Array:
+def rbf_kernel(e: jax.Array, m: jax.Array, exponents=BANDWIDTH_EXPONENTS) -> jax.Array:
   """Sum of RBF kernels at bandwidths beta * 2^j, beta = mean pairwise sq. distance.
 
   beta is computed over the valid rows and held constant (stop-gradient) so the
@@ -24,7 +24,7 @@ def rbf_kernel(e: jax.Array, m: jax.Array) -> jax.Array:
   pair = m[:, None] * m[None, :]
   beta = jax.lax.stop_gradient(jnp.sum(d2 * pair) / jnp.maximum(jnp.sum(pair) - jnp.sum(m), 1.0))
   beta = jnp.maximum(beta, 1e-12)
-  return sum(jnp.exp(-d2 / (beta * 2.0 ** j)) for j in BANDWIDTH_EXPONENTS)
+  return sum(jnp.exp(-d2 / (beta * 2.0 ** j)) for j in exponents)
 
 
 def class_weights(y: jax.Array, m: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:

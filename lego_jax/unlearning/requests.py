@@ -29,7 +29,7 @@ IN_PROGRESS = ".in-progress"
 # finished bricks; `calibrate(..., force=True)` does), and an interrupted
 # calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
-                "topk", "margin", "stop")
+                "topk", "margin", "stop", "bandwidths")
 
 
 def attribute_key(seed: int, name: str) -> jax.Array:
@@ -131,7 +131,7 @@ class Unlearner:
     labels, _ = self.wd.labels(todo)
     hps = calibration.HParams.from_config(self.cfg, len(todo))
     keys = jnp.stack([attribute_key(self.wd.config["seed"], n) for n in todo])
-    settings = {"attributes": todo, **{f: self.cfg[f] for f in BRICK_FIELDS},
+    settings = {"attributes": todo, **{f: self.cfg.get(f) for f in BRICK_FIELDS},
                 "chunk": spec.chunk, **self._identity()}
     state = self._resume(settings, calibration.init_states(keys, target.e0, hps.lr, spec=spec))
     bb = self.wd.backbone(progress=False)
@@ -152,7 +152,7 @@ class Unlearner:
     bricks = np.asarray(bricks)
     for k, name in enumerate(todo):
       meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
-              "settings": {f: self.cfg[f] for f in BRICK_FIELDS},
+              "settings": {f: self.cfg.get(f) for f in BRICK_FIELDS},
               "final_mi": float(trace.mi[k, -1, 0]), "final_null": float(trace.null[k, -1, 0]),
               "final_rank": float(trace.rank[k, -1]), **self._identity()}
       tree = {"delta": bricks[k]}
