@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,7 +20,17 @@ from lego_jax.data import readers
 from lego_jax.data.split import random_folds
 from lego_jax.errors import LegoError
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+# Hand-written lines in the MovieLens formats are stored as `*.handwritten` so
+# no file in the repository carries a MovieLens file name (their licence
+# forbids redistribution; these files hold invented ids and values). The tests
+# read a copy with the conventional names.
+_SOURCE = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(tempfile.mkdtemp(prefix="lego-fixtures-"))
+for _f in _SOURCE.rglob("*"):
+  if _f.is_file():
+    _dest = FIXTURES / _f.relative_to(_SOURCE).with_name(_f.name.removesuffix(".handwritten"))
+    _dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_f, _dest)
 
 
 def small_synthetic(**kw):
