@@ -1,5 +1,6 @@
 """Data layer on hand-written fixtures and small synthetic data (no real files)."""
 
+import atexit
 import dataclasses
 import gzip
 import json
@@ -26,6 +27,7 @@ from lego_jax.errors import LegoError
 # read a copy with the conventional names.
 _SOURCE = pathlib.Path(__file__).parent / "fixtures"
 FIXTURES = pathlib.Path(tempfile.mkdtemp(prefix="lego-fixtures-"))
+atexit.register(shutil.rmtree, FIXTURES, True)
 for _f in _SOURCE.rglob("*"):
   if _f.is_file():
     _dest = FIXTURES / _f.relative_to(_SOURCE).with_name(_f.name.removesuffix(".handwritten"))
