@@ -77,8 +77,15 @@ def restore(directory):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # Orbax warns about sharding when restoring to host
     tree = ocp.PyTreeCheckpointer().restore(directory / _TREE)
-  tree = jax.tree.map(np.asarray, tree)
-  return tree, json.loads((directory / _META).read_text())
+  return jax.tree.map(np.asarray, tree), metadata(directory)
+
+
+def metadata(directory) -> dict:
+  """The metadata of the checkpoint at `directory`, without reading its arrays."""
+  directory = pathlib.Path(directory).absolute()
+  if not exists(directory):
+    raise LegoError(f"no finished checkpoint at {directory}")
+  return json.loads((directory / _META).read_text())
 
 
 def flatten(tree) -> dict:

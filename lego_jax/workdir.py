@@ -65,26 +65,29 @@ def _identity(config: dict, field: str):
 
 
 class Backbone(NamedTuple):
-  """The trained recommender, and scoring with a substituted user table."""
+  """The trained recommender, and scoring with a substituted user table.
+
+  Build it with `Backbone.build`: `score` is made once per backbone, so every
+  jit of it (calibration, combination, evaluation) shares one compile cache.
+  """
   model: models.Model
   params: Any
   aux: Any
+  # `(table, users, items=None) -> scores`, pure (jit/grad-able).
+  score: Callable
+
+  @classmethod
+  def build(cls, model: models.Model, params, aux) -> "Backbone":
+    def score(table, users, items=None):
+      return model.score(model.with_user_table(params, table), aux, users, items)
+    return cls(model, params, aux, score)
 
   def table(self) -> jax.Array:
     return self.model.user_table(self.params)
 
-  def score_fn(self) -> Callable:
-    """`(table, users, items) -> scores`, pure (jit/grad-able), for the unlearning losses."""
-    model, params, aux = self
-
-    def score(table, users, items=None):
-      return model.score(model.with_user_table(params, table), aux, users, items)
-
-    return score
-
   def ranking_fn(self, table) -> Callable:
     """`users -> (B, n_items)` full-ranking scores with `table` substituted."""
-    score = jax.jit(self.score_fn())
+    score = jax.jit(self.score)
     table = jnp.asarray(table)
     return lambda users: score(table, users)
 
@@ -164,7 +167,8 @@ class Workdir:
       model = models.get(cfg["model"]["name"], cfg["model"], cfg["train"])
       result = training.train(model, self.split, cfg, ckpt_dir=self.path / "backbone",
                               progress=progress)
-      self._backbone = Backbone(model, jax.tree.map(jnp.asarray, result.params), result.aux)
+      self._backbone = Backbone.build(model, jax.tree.map(jnp.asarray, result.params),
+                                      result.aux)
     return self._backbone
 
   def evaluate(self, table=None, stage: str = "test") -> dict:

@@ -42,7 +42,7 @@ def _one_table(wd: Workdir, u: Unlearner, target, labels, key):
   spec = u.spec()
   hp = jax.tree.map(lambda x: x[0], calibration.HParams.from_config(u.cfg, 1))
   brick, _, _ = calibration.calibrate_one(target, jnp.asarray(labels), hp, key, spec=spec,
-                                          score_fn=wd.backbone(progress=False).score_fn())
+                                          score_fn=wd.backbone(progress=False).score)
   return target.e0 + brick
 
 
@@ -94,7 +94,7 @@ def adversarial(wd: Workdir, names):
                    objective=cfg["run"]["adversarial_objective"])
   result = training.train(model, wd.split, cfg, ckpt_dir=wd.path / "methods" / "adversarial"
                           / "backbone", progress=False)
-  bb = Backbone(model, jax.tree.map(jnp.asarray, result.params), result.aux)
+  bb = Backbone.build(model, jax.tree.map(jnp.asarray, result.params), result.aux)
   return bb.table(), bb
 
 

@@ -72,7 +72,7 @@ class Unlearner:
     if self.bricks_dir.is_dir():
       for d in sorted(self.bricks_dir.iterdir()):
         if not d.name.startswith(".") and checkpoint.exists(d):
-          out[d.name] = checkpoint.restore(d)[1]
+          out[d.name] = checkpoint.metadata(d)
     return out
 
   def _load_brick(self, name: str) -> np.ndarray:
@@ -87,7 +87,7 @@ class Unlearner:
 
   def active(self) -> list[str]:
     d = self.wd.path / "combination"
-    return checkpoint.restore(d)[1]["active"] if checkpoint.exists(d) else []
+    return checkpoint.metadata(d)["active"] if checkpoint.exists(d) else []
 
   def status(self) -> dict:
     return {"active": self.active(),
@@ -110,7 +110,7 @@ class Unlearner:
       e0 = bb.table()
       topk = preservation.top_unseen(bb.ranking_fn(e0), self.wd.split, self.cfg["topk"],
                                      self.wd.config["eval"]["batch_users"])
-      score = bb.score_fn()
+      score = bb.score
       scale = preservation.score_scale(lambda u, i: score(e0, u, i), topk)
       self._target = calibration.Target(e0, jnp.asarray(topk), jnp.float32(scale))
     return self._target
@@ -146,7 +146,7 @@ class Unlearner:
         checkpoint.save(self.bricks_dir / IN_PROGRESS, checkpoint.flatten(st), settings)
 
     bricks, state, trace = calibration.calibrate(target, labels, hps, keys, spec=spec,
-                                                 score_fn=bb.score_fn(), state=state,
+                                                 score_fn=bb.score, state=state,
                                                  on_chunk=on_chunk)
     bar.close()
     bricks = np.asarray(bricks)
@@ -195,7 +195,7 @@ class Unlearner:
       key = jax.random.fold_in(jax.random.PRNGKey(self.wd.config["seed"]), 1)
       w, table, _ = combination.fit(self.target(), bricks, jnp.asarray(labels), mask, key,
                                     combination.HParams.from_config(ccfg), spec=spec,
-                                    score_fn=bb.score_fn())
+                                    score_fn=bb.score)
       table, weights, names = np.asarray(table), np.asarray(w), order
     checkpoint.save(self.wd.path / "combination", {"table": table, "weights": weights},
                     {"active": active, "bricks": names, "mode": self.wd.config["combine"]["mode"],
