@@ -82,7 +82,12 @@ DEFAULTS: dict[str, Any] = {
         "topk": 20,
         "margin": 0.05,
         "bandwidths": [-2, -1, 0, 1, 2],  # RBF kernel bandwidths beta * 2^j
-        "stop": "null",           # null | steps
+        "linear_kernel": False,   # also a linear kernel (the class means), hinged on its own
+        "estimator": "kernel",    # kernel (B x B kernel matrices) | features (random Fourier)
+        "features": 512,          # random features per bandwidth (estimator = features)
+        "hinge": "sum",           # kernel: each kernel stopped at its own null | sum
+        "null_perms": 1,          # label permutations averaged for the null level
+        "stop": "null",           # null | two-sided | steps (see losses.excess_mi)
         "ckpt_every": 50,         # steps between checkpoints of a calibration in progress
     },
     "combine": {

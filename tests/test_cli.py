@@ -1,6 +1,7 @@
 """The command line and the main job, end to end on a tiny synthetic workdir."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -113,3 +114,38 @@ def test_failing_stage_is_named_and_finished_stages_kept(tmp_path, monkeypatch):
   assert (run / "backbone").is_dir() and (run / "combination").is_dir()
   assert (run / "stages" / "method_lego.json").is_file()
   assert not (run / "stages" / "method_leace.json").exists()
+
+
+def test_a_stage_is_redone_only_when_its_own_settings_change(tmp_path, monkeypatch):
+  run = tmp_path / "run"
+  experiment.train_and_evaluate(tiny_config("run.methods=[\"lego\", \"leace\"]"), run,
+                                progress=False)
+  calls = []
+  for m in ("lego", "leace"):
+    real = experiment.METHODS[m]
+    monkeypatch.setitem(experiment.METHODS, m,
+                        lambda wd, names, m=m, real=real: calls.append(m) or real(wd, names))
+  experiment.train_and_evaluate(tiny_config("run.methods=[\"lego\", \"leace\"]"), run,
+                                progress=False)
+  assert calls == []
+  # New unlearning settings (and a fresh brick folder, since bricks are reused
+  # whatever the settings) redo LEGO only; LEACE does not depend on them.
+  shutil.rmtree(run / "bricks")
+  experiment.train_and_evaluate(
+      tiny_config("run.methods=[\"lego\", \"leace\"]", "unlearn.lam_rank=5.0"), run, progress=False)
+  assert calls == ["lego"]
+
+
+def test_grid_writes_one_table_with_a_row_per_method_and_backbone(tmp_path):
+  from tests.conftest import TINY
+  text = experiment.grid(["synthetic_mf", "synthetic_lightgcn"], tmp_path,
+                         TINY + ["run.methods=[\"lego\", \"leace\"]", "model.n_layers=1"])
+  assert (tmp_path / "grid.md").read_text() == text
+  lines = [l for l in text.splitlines() if l.startswith("| synthetic")]
+  assert [l.split("|")[2:4] for l in lines] == [
+      [" mf       ", " original "], [" mf       ", " lego     "], [" mf       ", " leace    "],
+      [" lightgcn ", " original "], [" lightgcn ", " lego     "], [" lightgcn ", " leace    "]]
+  header = text.splitlines()[2]
+  assert "leak gender (mlp / linear)" in header and "max leak" in header
+  # Every leakage cell holds both attackers' values.
+  assert all(len(l.split("|")[6].split("/")) == 2 for l in lines)

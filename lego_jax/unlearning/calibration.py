@@ -22,7 +22,6 @@ from lego_jax.errors import LegoError, unknown
 from lego_jax.unlearning import calibrators, losses
 
 LOSSES = ("mmd", "d2d", "adversarial")
-STOPS = ("null", "steps")
 ADV_HIDDEN = 64
 
 
@@ -38,12 +37,21 @@ class Spec:
   margin: float = 0.05
   chunk: int = 0              # steps per compiled chunk (0 = all at once)
   bandwidths: tuple = losses.BANDWIDTH_EXPONENTS  # RBF bandwidths beta * 2^j
+  linear_kernel: bool = False # also a linear kernel (class means), hinged on its own
+  estimator: str = "kernel"   # kernel (B x B matrices) | features (random Fourier features)
+  features: int = 512         # random features per bandwidth
+  hinge: str = "sum"          # "kernel": each kernel stopped at its own null | "sum" of kernels
+  null_perms: int = 1         # permutations averaged for the null level
 
   def __post_init__(self):
     if self.loss not in LOSSES:
       raise unknown("unlearning loss", self.loss, LOSSES)
-    if self.stop not in STOPS:
-      raise unknown("stopping rule", self.stop, STOPS)
+    if self.stop not in losses.STOPS:
+      raise unknown("stopping rule", self.stop, losses.STOPS)
+    if self.estimator not in losses.ESTIMATORS:
+      raise unknown("MI estimator", self.estimator, losses.ESTIMATORS)
+    if self.hinge not in losses.HINGES:
+      raise unknown("hinge", self.hinge, losses.HINGES)
     calibrators.get(self.calibrator)
     if self.steps < 0:
       raise LegoError(f"unlearn.steps must be >= 0, got {self.steps}")
@@ -53,7 +61,17 @@ class Spec:
     return cls(num_classes=num_classes, steps=cfg["steps"], batch_users=cfg["batch_users"],
                loss=cfg["loss"], calibrator=cfg["calibrator"], stop=cfg["stop"],
                margin=cfg["margin"], chunk=chunk,
-               bandwidths=tuple(cfg.get("bandwidths", losses.BANDWIDTH_EXPONENTS)))
+               bandwidths=tuple(cfg["bandwidths"]), linear_kernel=cfg["linear_kernel"],
+               estimator=cfg["estimator"], features=cfg["features"], hinge=cfg["hinge"],
+               null_perms=cfg["null_perms"])
+
+  def mi(self, key, e, ys, ms):
+    """Per-attribute MI estimate, null level and penalised excess (see `losses`)."""
+    mi, null = losses.mi_estimate(
+        key, e, ys, ms, num_classes=self.num_classes, loss=self.loss, estimator=self.estimator,
+        exponents=self.bandwidths, linear=self.linear_kernel, n_features=self.features,
+        n_null=self.null_perms)
+    return mi, null, losses.excess_mi(mi, null, self.stop, self.hinge)
 
 
 class HParams(NamedTuple):
@@ -156,7 +174,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
   full = spec.batch_users <= 0 or spec.batch_users >= n
   tx = _adam(hp.lr)
 
-  def objective(params, users, perm, adv):
+  def objective(params, users, k_mi, adv):
     table = cal.table(params, e0)
     e = table[users]
     yb = ys[:, users]
@@ -166,27 +184,22 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       null = jnp.zeros_like(mi)
       mi_term = mi[0]
     else:
-      mi_fn = losses.MI_LOSSES[spec.loss]
-      k = losses.rbf_kernel(e, jnp.ones_like(mb[0]), spec.bandwidths)
-      per_attr = jax.vmap(lambda yy, mm: mi_fn(e, yy, mm, spec.num_classes, k))
-      mi = per_attr(yb, mb)
-      # The estimator's level on permuted labels: what "no information" looks
-      # like at this batch size. Pushing below it is the overshoot of §7.
-      null = jax.lax.stop_gradient(per_attr(yb[:, perm], mb[:, perm]))
-      mi_term = jnp.sum(losses.excess_mi(mi, null, spec.stop == "null"))
+      # Pushing the estimate below its permuted-label level is the overshoot of §7.
+      mi, null, excess = spec.mi(k_mi, e, yb, mb)
+      mi, null = mi.sum(-1), null.sum(-1)
+      mi_term = jnp.sum(excess)
     rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin)
     pull = losses.l2_pull(e, e0[users])
     total = hp.w_mi * mi_term + hp.lam_rank * rank + hp.l2 * pull
     return total, (e, Trace(mi, null, rank))
 
   def step(state: State, _):
-    key, k_batch, k_perm = jax.random.split(state.key, 3)
+    key, k_batch, k_mi = jax.random.split(state.key, 3)
     if full:
       users = jnp.arange(n)
     else:
       users, _ = stratified_batch(k_batch, ys[0], spec.batch_users)
-    perm = jax.random.permutation(k_perm, users.shape[0])
-    grads, (e, trace) = jax.grad(objective, has_aux=True)(state.params, users, perm, state.adv)
+    grads, (e, trace) = jax.grad(objective, has_aux=True)(state.params, users, k_mi, state.adv)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     live = state.step < spec.steps
     params = jax.tree.map(lambda p, u: p + jnp.where(live, u, 0.0), state.params, updates)

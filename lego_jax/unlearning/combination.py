@@ -11,7 +11,7 @@ serves every request set over the same stored bricks.
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import chex
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from lego_jax.errors import LegoError, unknown
-from lego_jax.unlearning import losses
+from lego_jax.unlearning import calibration, losses
 
 MODES = ("dim", "scalar", "convex")
 INITS = ("uniform", "ones")
@@ -35,6 +35,7 @@ class Spec:
   stop: str = "null"
   margin: float = 0.05
   init: str = "uniform"
+  mi: Any = None              # the calibration's Spec: its MI estimator is reused here
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -46,10 +47,12 @@ class Spec:
 
   @classmethod
   def from_config(cls, cfg: dict, unlearn_cfg: dict, num_classes: int) -> "Spec":
+    # An adversarial calibration is combined with the MMD estimator.
     loss = unlearn_cfg["loss"] if unlearn_cfg["loss"] in losses.MI_LOSSES else "mmd"
+    mi = calibration.Spec.from_config({**unlearn_cfg, "loss": loss}, num_classes)
     return cls(num_classes=num_classes, mode=cfg["mode"], steps=cfg["steps"],
                batch_users=unlearn_cfg["batch_users"], loss=loss, stop=unlearn_cfg["stop"],
-               margin=unlearn_cfg["margin"], init=cfg["init"])
+               margin=unlearn_cfg["margin"], init=cfg["init"], mi=mi)
 
 
 class HParams(NamedTuple):
@@ -98,30 +101,26 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
   chex.assert_rank([e0, bricks, labels], [2, 3, 2])
   n = e0.shape[0]
   batch = n if spec.batch_users <= 0 else min(spec.batch_users, n)
-  mi_fn = losses.MI_LOSSES[spec.loss]
+  mi_spec = spec.mi or calibration.Spec(num_classes=spec.num_classes, loss=spec.loss,
+                                        stop=spec.stop)
   tx = optax.adam(hp.lr)
   w = init_weights(active, e0.shape[1], spec)
 
-  def objective(w, users, perm):
+  def objective(w, users, k_mi):
     table = combine(w, e0, bricks, active, spec.mode)
     e = table[users]
     ys = labels[:, users]
     ms = (ys >= 0).astype(e.dtype)
-    k = losses.rbf_kernel(e, jnp.ones(users.shape[0]))
-    per_attr = jax.vmap(lambda y, m: mi_fn(e, y, m, spec.num_classes, k))
-    mi = per_attr(ys, ms)
-    null = jax.lax.stop_gradient(per_attr(ys[:, perm], ms[:, perm]))
-    gap = losses.excess_mi(mi, null, spec.stop == "null")
+    mi, null, gap = mi_spec.mi(k_mi, e, ys, ms)
     rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin)
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
     return total, {"mi": mi, "null": null, "rank": rank}
 
   def step(carry, key):
     w, opt = carry
-    k_batch, k_perm = jax.random.split(key)
+    k_batch, k_mi = jax.random.split(key)
     users = jax.random.permutation(k_batch, n)[:batch]
-    perm = jax.random.permutation(k_perm, batch)
-    g, trace = jax.grad(objective, has_aux=True)(w, users, perm)
+    g, trace = jax.grad(objective, has_aux=True)(w, users, k_mi)
     upd, opt = tx.update(g, opt, w)
     return (optax.apply_updates(w, upd), opt), trace
 

@@ -29,7 +29,8 @@ IN_PROGRESS = ".in-progress"
 # finished bricks; `calibrate(..., force=True)` does), and an interrupted
 # calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
-                "topk", "margin", "stop", "bandwidths")
+                "topk", "margin", "stop", "bandwidths", "linear_kernel", "estimator", "features",
+                "hinge", "null_perms")
 
 
 def attribute_key(seed: int, name: str) -> jax.Array:
