@@ -167,7 +167,7 @@ def summary(results: dict) -> str:
            (r.get("retention") or {}).get("ndcg@10", 1.0 if m == "original" else "")]
     for at in attackers:
       row += [r["attack"][at][a]["leakage"] if "attack" in r else "" for a in names]
-    row.append(round(r.get("seconds", 0.0), 2) if m != "popularity" else "")
+    row.append(f"{r['seconds']:.2f}" if r.get("seconds") else "–")
     rows.append(row)
   lines = [f"# lego-jax results: {results['dataset']}, backbone {results['config']['model']['name']}",
            "", "Leakage = |balanced accuracy - chance| of an attribute-inference attacker "

@@ -120,6 +120,34 @@ def test_mi_estimate_sees_a_planted_signal_and_not_a_permuted_one(estimator):
   assert (ratio[1] < 3).all()            # a shuffled one: at the no-information level
 
 
+def test_losses_of_class_centred_rows_cannot_move_class_means():
+  rng = np.random.default_rng(7)
+  e = jnp.asarray(rng.normal(size=(60, 5)), jnp.float32)
+  y = jnp.asarray(rng.integers(-1, 3, 60))
+  m = (y >= 0).astype(jnp.float32)
+  g = jax.grad(lambda x: jnp.sum(jnp.sin(losses.class_centred(x, y, m, 3)) ** 3))(e)
+  for c in range(3):
+    np.testing.assert_allclose(np.asarray(g)[np.asarray(y) == c].sum(0), 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["kernel", "features"])
+def test_centred_kernels_see_shape_and_the_linear_kernel_sees_location(estimator):
+  rng = np.random.default_rng(8)
+  y = rng.integers(0, 2, 600)
+  noise = rng.normal(size=(600, 6))
+  shifted = noise + 0.8 * y[:, None]                     # classes differ in mean only
+  scaled = noise * np.where(y == 1, 2.0, 1.0)[:, None]   # classes differ in spread only
+  ratio = {}
+  for name, e in (("shifted", shifted), ("scaled", scaled)):
+    mi, null = losses.mi_estimate(
+        jax.random.PRNGKey(0), jnp.asarray(e, jnp.float32), jnp.asarray(y)[None],
+        jnp.ones((1, 600)), num_classes=2, estimator=estimator, linear=True, centre=True,
+        exponents=(0, 1), n_null=4)
+    ratio[name] = np.asarray(mi / null)[0]               # [linear, rbf 2^0, rbf 2^1]
+  assert ratio["shifted"][0] > 10 and (ratio["shifted"][1:] < 3).all()
+  assert ratio["scaled"][0] < 3 and (ratio["scaled"][1:] > 10).all()
+
+
 def test_prior_kl_is_zero_at_the_prior():
   y = jnp.array([0, 0, 0, 1])
   logits = jnp.log(jnp.array([[0.75, 0.25]] * 4))
@@ -319,6 +347,19 @@ def test_requests_reuse_bricks_and_match_direct_unlearning(fresh_workdir):
     u.add("age")
   with pytest.raises(LegoError, match="valid: age, gender, occupation"):
     u.add("religion")
+
+
+def test_unlearn_redoes_bricks_made_under_other_settings_and_requests_do_not(fresh_workdir):
+  Unlearner(Workdir.open(fresh_workdir), progress=False).unlearn(["gender", "age"])
+  before = brick_mtimes(fresh_workdir)
+  u = Unlearner(Workdir.open(fresh_workdir, ["unlearn.lam_rank=7.0"]), progress=False)
+  assert u.stale() == ["age", "gender"]
+  u.add("occupation")                                # a request: others reused as they are
+  assert {k: v for k, v in brick_mtimes(fresh_workdir).items() if k != "occupation"} == before
+  u.unlearn(["gender", "occupation"])                # a run with new settings means them
+  after = brick_mtimes(fresh_workdir)
+  assert after["gender"] != before["gender"] and after["age"] == before["age"]
+  assert u.stale() == ["age"]
 
 
 def test_single_active_brick_reproduces_that_brick(fresh_workdir):

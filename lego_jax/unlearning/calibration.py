@@ -37,10 +37,11 @@ class Spec:
   margin: float = 0.05
   chunk: int = 0              # steps per compiled chunk (0 = all at once)
   bandwidths: tuple = losses.BANDWIDTH_EXPONENTS  # RBF bandwidths beta * 2^j
-  linear_kernel: bool = False # also a linear kernel (class means), hinged on its own
+  linear_kernel: bool = True  # also a linear kernel (class means), hinged on its own
+  centre: bool = True         # RBF kernels on class-centred rows (shape only; see losses)
   estimator: str = "kernel"   # kernel (B x B matrices) | features (random Fourier features)
   features: int = 512         # random features per bandwidth
-  hinge: str = "sum"          # "kernel": each kernel stopped at its own null | "sum" of kernels
+  hinge: str = "kernel"       # each kernel stopped at its own null | "sum" of kernels
   null_perms: int = 1         # permutations averaged for the null level
 
   def __post_init__(self):
@@ -58,19 +59,18 @@ class Spec:
 
   @classmethod
   def from_config(cls, cfg: dict, num_classes: int, chunk: int = 0) -> "Spec":
-    return cls(num_classes=num_classes, steps=cfg["steps"], batch_users=cfg["batch_users"],
-               loss=cfg["loss"], calibrator=cfg["calibrator"], stop=cfg["stop"],
-               margin=cfg["margin"], chunk=chunk,
-               bandwidths=tuple(cfg["bandwidths"]), linear_kernel=cfg["linear_kernel"],
-               estimator=cfg["estimator"], features=cfg["features"], hinge=cfg["hinge"],
-               null_perms=cfg["null_perms"])
+    """From config["unlearn"], whose fields have the same names."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "chunk"}
+    kw = {f: cfg[f] for f in fields}
+    kw["bandwidths"] = tuple(kw["bandwidths"])
+    return cls(num_classes=num_classes, chunk=chunk, **kw)
 
   def mi(self, key, e, ys, ms):
     """Per-attribute MI estimate, null level and penalised excess (see `losses`)."""
     mi, null = losses.mi_estimate(
         key, e, ys, ms, num_classes=self.num_classes, loss=self.loss, estimator=self.estimator,
-        exponents=self.bandwidths, linear=self.linear_kernel, n_features=self.features,
-        n_null=self.null_perms)
+        exponents=self.bandwidths, linear=self.linear_kernel, centre=self.centre,
+        n_features=self.features, n_null=self.null_perms)
     return mi, null, losses.excess_mi(mi, null, self.stop, self.hinge)
 
 

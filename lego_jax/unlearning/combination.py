@@ -11,7 +11,7 @@ serves every request set over the same stored bricks.
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import chex
 import jax
@@ -31,11 +31,11 @@ class Spec:
   mode: str = "dim"
   steps: int = 100
   batch_users: int = 1024
-  loss: str = "mmd"           # mmd | d2d (an adversarial calibration is combined with mmd)
-  stop: str = "null"
   margin: float = 0.05
   init: str = "uniform"
-  mi: Any = None              # the calibration's Spec: its MI estimator is reused here
+  # The calibration's Spec, whose MI estimator (loss, kernels, stopping rule)
+  # the combination uses too; None = the defaults.
+  mi: Optional[calibration.Spec] = None
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -44,6 +44,8 @@ class Spec:
       raise unknown("combination init", self.init, INITS)
     if self.steps < 0:
       raise LegoError(f"combine.steps must be >= 0, got {self.steps}")
+    if self.mi is None:
+      object.__setattr__(self, "mi", calibration.Spec(num_classes=self.num_classes))
 
   @classmethod
   def from_config(cls, cfg: dict, unlearn_cfg: dict, num_classes: int) -> "Spec":
@@ -51,8 +53,8 @@ class Spec:
     loss = unlearn_cfg["loss"] if unlearn_cfg["loss"] in losses.MI_LOSSES else "mmd"
     mi = calibration.Spec.from_config({**unlearn_cfg, "loss": loss}, num_classes)
     return cls(num_classes=num_classes, mode=cfg["mode"], steps=cfg["steps"],
-               batch_users=unlearn_cfg["batch_users"], loss=loss, stop=unlearn_cfg["stop"],
-               margin=unlearn_cfg["margin"], init=cfg["init"], mi=mi)
+               batch_users=unlearn_cfg["batch_users"], margin=unlearn_cfg["margin"],
+               init=cfg["init"], mi=mi)
 
 
 class HParams(NamedTuple):
@@ -101,8 +103,6 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
   chex.assert_rank([e0, bricks, labels], [2, 3, 2])
   n = e0.shape[0]
   batch = n if spec.batch_users <= 0 else min(spec.batch_users, n)
-  mi_spec = spec.mi or calibration.Spec(num_classes=spec.num_classes, loss=spec.loss,
-                                        stop=spec.stop)
   tx = optax.adam(hp.lr)
   w = init_weights(active, e0.shape[1], spec)
 
@@ -111,7 +111,7 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
     e = table[users]
     ys = labels[:, users]
     ms = (ys >= 0).astype(e.dtype)
-    mi, null, gap = mi_spec.mi(k_mi, e, ys, ms)
+    mi, null, gap = spec.mi.mi(k_mi, e, ys, ms)
     rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin)
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
     return total, {"mi": mi, "null": null, "rank": rank}

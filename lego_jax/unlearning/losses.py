@@ -117,27 +117,55 @@ def feature_mi(phi, y, m, num_classes: int, loss: str = "mmd") -> jax.Array:
 ESTIMATORS = ("kernel", "features")
 
 
+def class_centred(e, y, m, num_classes: int) -> jax.Array:
+  """Each labelled row minus its class mean: what is left once location is removed.
+
+  A loss of the centred rows cannot move any class mean: its gradient sums to
+  zero over each class.
+  """
+  w, _ = class_weights(y, m, num_classes)
+  return e - (jax.nn.one_hot(y, num_classes) * m[:, None]) @ (w @ e)
+
+
 def mi_estimate(key, e, ys, ms, *, num_classes: int, loss: str = "mmd", estimator: str = "kernel",
-                exponents=BANDWIDTH_EXPONENTS, linear: bool = False, n_features: int = 512,
-                n_null: int = 1) -> tuple[jax.Array, jax.Array]:
+                exponents=BANDWIDTH_EXPONENTS, linear: bool = False, centre: bool = False,
+                n_features: int = 512, n_null: int = 1) -> tuple[jax.Array, jax.Array]:
   """MI estimates of attributes `ys` (A, B) in embeddings `e` (B, D), per kernel.
 
   Returns (mi, null), each (A, J) with J the kernels (linear first if asked,
   then one RBF per bandwidth). `null` is the estimator's level on permuted
   labels, averaged over `n_null` permutations and held constant: what "no
   information" looks like at this batch size.
+
+  With `centre` the RBF kernels compare the class-centred rows
+  (`class_centred`): they measure differences in shape only, and the class
+  means (what a linear probe reads) are left to the linear kernel alone, so
+  pushing out a nonlinear signal cannot over-balance the means.
   """
   k_feat, k_perm = jax.random.split(key)
   perms = jax.vmap(lambda k: jax.random.permutation(k, e.shape[0]))(
       jax.random.split(k_perm, n_null))
   ones = jnp.ones(e.shape[:1], e.dtype)
   if estimator == "kernel":
-    ks = kernels(e, ones, exponents, linear)
     mi_fn = MI_LOSSES[loss]
-    per_kernel = lambda y, m: jax.vmap(lambda k: mi_fn(e, y, m, num_classes, k))(ks)
+    shared = None if centre else kernels(e, ones, exponents, linear)
+
+    def per_kernel(y, m):
+      ks = shared
+      if centre:
+        shape = kernels(class_centred(e, y, m, num_classes), ones, exponents)
+        ks = jnp.concatenate([kernels(e, ones, (), True), shape]) if linear else shape
+      return jax.vmap(lambda k: mi_fn(e, y, m, num_classes, k))(ks)
   else:
-    phis = random_features(k_feat, e, ones, exponents, linear, n_features)
-    per_kernel = lambda y, m: jnp.stack([feature_mi(p, y, m, num_classes, loss) for p in phis])
+    shared = None if centre else random_features(k_feat, e, ones, exponents, linear, n_features)
+
+    def per_kernel(y, m):
+      phis = shared
+      if centre:
+        phis = (([e / jnp.sqrt(bandwidth(e, ones))] if linear else [])
+                + random_features(k_feat, class_centred(e, y, m, num_classes), ones, exponents,
+                                  False, n_features))
+      return jnp.stack([feature_mi(p, y, m, num_classes, loss) for p in phis])
   per_attr = jax.vmap(per_kernel)
   mi = per_attr(ys, ms)
   null = jnp.mean(jax.vmap(lambda p: per_attr(ys[:, p], ms[:, p]))(perms), axis=0)

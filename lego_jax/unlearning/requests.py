@@ -29,8 +29,8 @@ IN_PROGRESS = ".in-progress"
 # finished bricks; `calibrate(..., force=True)` does), and an interrupted
 # calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
-                "topk", "margin", "stop", "bandwidths", "linear_kernel", "estimator", "features",
-                "hinge", "null_perms")
+                "topk", "margin", "stop", "bandwidths", "linear_kernel", "centre", "estimator",
+                "features", "hinge", "null_perms")
 
 
 def attribute_key(seed: int, name: str) -> jax.Array:
@@ -204,16 +204,31 @@ class Unlearner:
     return table
 
   # ---- requests ----------------------------------------------------------
+  def stale(self) -> list[str]:
+    """Bricks calibrated under other `unlearn` settings than the current ones."""
+    now = {f: self.cfg.get(f) for f in BRICK_FIELDS}
+    return [n for n, m in self.brick_meta().items() if m.get("settings") != now]
+
   def unlearn(self, names) -> np.ndarray:
-    """Calibrates what is missing of `names`, then combines exactly `names`."""
-    self.calibrate(names)
+    """Calibrates what is missing or stale of `names`, then combines exactly `names`.
+
+    A brick made under other settings is redone here, so a run with new
+    settings means what it says; requests (`add`, `withdraw`) reuse bricks as
+    they are.
+    """
+    names = list(dict.fromkeys(names))
+    done, stale = self.brick_meta(), set(self.stale())
+    redo = [n for n in names if n not in done or n in stale]
+    if redo:
+      self.calibrate(redo, force=True)
     return self.combine(names)
 
   def add(self, name: str) -> np.ndarray:
     active = self.active()
     if name in active:
       raise LegoError(f"attribute {name!r} is already active (active: {', '.join(active)})")
-    return self.unlearn(active + [name])
+    self.calibrate([name])
+    return self.combine(active + [name])
 
   def withdraw(self, name: str) -> np.ndarray:
     active = self.active()
