@@ -253,31 +253,34 @@ def plots(path: pathlib.Path, results: dict) -> None:
 def grid(config_names, root, overrides=(), out=None) -> str:
   """Runs each config into root/<name> and writes one combined markdown table."""
   root = pathlib.Path(root)
-  runs = []
-  for name in config_names:
-    cfg = config_lib.resolve(name, overrides)
-    runs.append((cfg, train_and_evaluate(cfg, root / pathlib.Path(name).stem)))
-  names_seen = list(dict.fromkeys(a for _, res in runs for a in res["attributes"]))
-  rows = []
-  for cfg, res in runs:
-    for m, r in res["methods"].items():
-      if m == "popularity":
-        continue
-      leak = {at: r["attack"][at] for at in r.get("attack", {})}
-      cells = [" / ".join(f"{leak[at][a]['leakage']:.3f}" for at in leak)
-               if a in res["attributes"] else "" for a in names_seen]
-      worst = max((leak[at][a]["leakage"] for at in leak for a in res["attributes"]), default=None)
-      rows.append([res["dataset"], cfg["model"]["name"], m, f"{r['ranking']['ndcg@10']:.4f}",
-                   f"{(r.get('retention') or {}).get('ndcg@10', 1.0):.3f}"] + cells
-                  + ["" if worst is None else f"{worst:.3f}",
-                     f"{r['seconds']:.1f}" if r.get("seconds") else "–"])
-  attackers = " / ".join(config_lib.resolve(config_names[0], overrides)["run"]["attackers"])
-  headers = ["dataset", "backbone", "method", "NDCG@10", "retention"] + \
-            [f"leak {a} ({attackers})" for a in names_seen] + ["max leak", "seconds"]
-  table = format_table(headers, rows)
+  results = [train_and_evaluate(config_lib.resolve(name, overrides), root / pathlib.Path(name).stem)
+             for name in config_names]
   text = (f"Produced by: lego-jax grid --configs {','.join(config_names)} --root {root}\n\n"
-          + table + "\n")
+          + grid_table(results) + "\n")
   target = pathlib.Path(out) if out else root / "grid.md"
   target.parent.mkdir(parents=True, exist_ok=True)
   target.write_text(text)
   return text
+
+
+def grid_table(results: list[dict]) -> str:
+  """One markdown table of several runs' `results.json`: a row per backbone and method."""
+  names_seen = list(dict.fromkeys(a for res in results for a in res["attributes"]))
+  attackers = list(dict.fromkeys(at for res in results for at in res["config"]["run"]["attackers"]))
+  rows = []
+  for res in results:
+    for m, r in res["methods"].items():
+      if m == "popularity":
+        continue
+      leak = r.get("attack", {})
+      cells = [" / ".join(f"{leak[at][a]['leakage']:.3f}" for at in attackers if at in leak)
+               if a in res["attributes"] else "" for a in names_seen]
+      worst = max((leak[at][a]["leakage"] for at in leak for a in res["attributes"]), default=None)
+      rows.append([res["dataset"], res["config"]["model"]["name"], m,
+                   f"{r['ranking']['ndcg@10']:.4f}",
+                   f"{(r.get('retention') or {}).get('ndcg@10', 1.0):.3f}"] + cells
+                  + ["" if worst is None else f"{worst:.3f}",
+                     f"{r['seconds']:.1f}" if r.get("seconds") else "–"])
+  headers = ["dataset", "backbone", "method", "NDCG@10", "retention"] + \
+            [f"leak {a} ({' / '.join(attackers)})" for a in names_seen] + ["max leak", "seconds"]
+  return format_table(headers, rows)
