@@ -269,7 +269,9 @@ def grid_table(results: list[dict]) -> str:
   attackers = list(dict.fromkeys(at for res in results for at in res["config"]["run"]["attackers"]))
   rows = []
   for res in results:
-    for m, r in res["methods"].items():
+    order = ["original"] + list(res["config"]["run"]["methods"])
+    for m in sorted(res["methods"], key=lambda m: order.index(m) if m in order else len(order)):
+      r = res["methods"][m]
       if m == "popularity":
         continue
       leak = r.get("attack", {})
@@ -280,7 +282,11 @@ def grid_table(results: list[dict]) -> str:
                    f"{r['ranking']['ndcg@10']:.4f}",
                    f"{(r.get('retention') or {}).get('ndcg@10', 1.0):.3f}"] + cells
                   + ["" if worst is None else f"{worst:.3f}",
-                     f"{r['seconds']:.1f}" if r.get("seconds") else "–"])
+                     _seconds(r.get("seconds"))])
   headers = ["dataset", "backbone", "method", "NDCG@10", "retention"] + \
             [f"leak {a} ({' / '.join(attackers)})" for a in names_seen] + ["max leak", "seconds"]
   return format_table(headers, rows)
+
+
+def _seconds(s) -> str:
+  return "–" if not s else f"{s:.1f}" if s >= 1 else f"{s:.2f}"

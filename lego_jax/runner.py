@@ -181,10 +181,11 @@ def _status(u: Unlearner, as_json: bool):
 # ---- the main job -----------------------------------------------------------
 def run(args):
   from lego_jax import experiment
-  config = config_lib.resolve(args.config, _overrides(args))
+  name = args.config or "synthetic_mf"   # the main job's synthetic default
+  config = config_lib.resolve(name, _overrides(args))
   if args.sweep:
     config["run"]["sweep"] = [float(x) for x in args.sweep.split(",") if x]
-  workdir = args.workdir or os.path.join("runs", pathlib.Path(args.config or "synthetic_mf").stem)
+  workdir = args.workdir or os.path.join("runs", pathlib.Path(name).stem)
   results = experiment.train_and_evaluate(config, workdir)
   return results["summary"], False, lambda s: s
 
