@@ -25,9 +25,9 @@ from lego_jax.workdir import Workdir
 
 IN_PROGRESS = ".in-progress"
 # Fields of `unlearn` that change what a brick is. They are stored in each
-# brick's metadata; a stored brick is reused as it is (a request never redoes
-# finished bricks; `calibrate(..., force=True)` does), and an interrupted
-# calibration resumes only under the same values.
+# brick's metadata; a request reuses a stored brick as it is, `unlearn` redoes
+# one made under other values (as does `calibrate(..., force=True)`), and an
+# interrupted calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
                 "topk", "margin", "stop", "bandwidths", "linear_kernel", "centre", "estimator",
                 "features", "hinge", "null_perms")
@@ -204,10 +204,11 @@ class Unlearner:
     return table
 
   # ---- requests ----------------------------------------------------------
-  def stale(self) -> list[str]:
+  def stale(self, meta: Optional[dict] = None) -> list[str]:
     """Bricks calibrated under other `unlearn` settings than the current ones."""
     now = {f: self.cfg.get(f) for f in BRICK_FIELDS}
-    return [n for n, m in self.brick_meta().items() if m.get("settings") != now]
+    meta = self.brick_meta() if meta is None else meta
+    return [n for n, m in meta.items() if m.get("settings") != now]
 
   def unlearn(self, names) -> np.ndarray:
     """Calibrates what is missing or stale of `names`, then combines exactly `names`.
@@ -217,7 +218,8 @@ class Unlearner:
     they are.
     """
     names = list(dict.fromkeys(names))
-    done, stale = self.brick_meta(), set(self.stale())
+    done = self.brick_meta()
+    stale = set(self.stale(done))
     redo = [n for n in names if n not in done or n in stale]
     if redo:
       self.calibrate(redo, force=True)
