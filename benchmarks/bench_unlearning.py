@@ -35,11 +35,11 @@ from lego_jax.unlearning.requests import attribute_key  # noqa: E402
 CLASSES = [2, 7, 21, 4, 3, 5, 10, 2]
 
 
-def problem(n, m, d, k_max, seed=0):
+def problem(n, m, d, k_max, t=20, seed=0):
   rng = np.random.default_rng(seed)
   e0 = jnp.asarray(rng.normal(size=(n, d)) * 0.3, jnp.float32)
   items = jnp.asarray(rng.normal(size=(m, d)) * 0.3, jnp.float32)
-  topk = jax.lax.top_k(e0 @ items.T, 20)[1]
+  topk = jax.lax.top_k(e0 @ items.T, t)[1]
   labels = np.stack([rng.integers(0, c, n) for c in CLASSES[:k_max]]).astype(np.int32)
   score = lambda table, users, it: jnp.einsum("bd,btd->bt", table[users], items[it])
   return calibration.Target(e0, topk, jnp.float32(1.0)), labels, score
@@ -73,11 +73,12 @@ def main():
   ap.add_argument("--repeats", type=int, default=2)
   args = ap.parse_args()
   ks = [int(k) for k in args.ks.split(",")]
-  target, labels, score = problem(args.users, args.items, args.dim, max(ks))
   ucfg = dict(DEFAULTS["unlearn"], steps=args.steps)
+  target, labels, score = problem(args.users, args.items, args.dim, max(ks),
+                                  ucfg["topk"] + ucfg["guard"])
   spec = calibration.Spec.from_config(ucfg, max(CLASSES[:max(ks)]))
   keys = jnp.stack([attribute_key(0, f"a{i}") for i in range(max(ks))])
-  hps = calibration.HParams.from_config(ucfg, max(ks))
+  hps = calibration.HParams.from_config(ucfg, [f"a{i}" for i in range(max(ks))])
 
   def vmapped(k):
     return lambda: calibration.calibrate(target, labels[:k], jax.tree.map(lambda x: x[:k], hps),
@@ -113,8 +114,8 @@ def main():
 
   def joint():
     hp = jax.tree.map(lambda x: x[0], hps)
-    return calibration.calibrate_one(target, jnp.asarray(labels[:k_req]), hp, keys[0], spec=spec,
-                                     score_fn=score)[0]
+    return calibration.jit_calibrate_one(target, jnp.asarray(labels[:k_req]), hp, keys[0],
+                                         spec=spec, score_fn=score)[0]
 
   t_add, t_joint = timed(add, args.repeats), timed(joint, args.repeats)
   out = {"device": str(jax.devices()[0]), "users": args.users, "items": args.items,

@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import traceback
 
 from lego_jax.errors import LegoError
 
@@ -19,6 +20,8 @@ def _common(p, config=True, workdir_required=True):
 def parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="lego-jax", description=__doc__.split(".")[0] + ": "
                                "multi-attribute unlearning for recommenders (LEGO) in JAX.")
+  ap.add_argument("--debug", action="store_true",
+                  help="print the traceback of a failure inside lego-jax (not of a user mistake)")
   sub = ap.add_subparsers(dest="command", required=True)
 
   data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -90,6 +93,12 @@ def main(argv=None) -> int:
     out = runner.dispatch(args)
   except LegoError as e:
     print(f"lego-jax: error: {e}", file=sys.stderr)
+    bug = e.__cause__ if not isinstance(e.__cause__, (LegoError, type(None))) else None
+    if bug is not None and args.debug:
+      traceback.print_exception(bug, file=sys.stderr)
+    elif bug is not None:
+      print("lego-jax: this looks like a bug in lego-jax; rerun with `lego-jax --debug ...` for "
+            "the traceback", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("lego-jax: interrupted; finished stages are saved, run the command again to resume",

@@ -80,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "l2": 0.0,
         "batch_users": 1024,      # class-stratified minibatch size; 0 = full batch
         "topk": 20,
+        "guard": 0,               # items after the top-T held below it by the same hinge
         "margin": 0.05,
         # The MI estimate: one hinge per kernel (`hinge`), each stopped at its
         # own permuted-label level (`stop`). The class means are measured by a
@@ -95,6 +96,9 @@ DEFAULTS: dict[str, Any] = {
         "features": 512,          # random features per bandwidth (estimator = features)
         "null_perms": 1,          # label permutations averaged for the null level
         "ckpt_every": 50,         # steps between checkpoints of a calibration in progress
+        # Per-attribute values of the weights above, keyed by attribute name,
+        # e.g. `--set unlearn.per_attribute.age.lam_rank=100`.
+        "per_attribute": {},
     },
     "combine": {
         "mode": "dim",            # dim | scalar | convex
@@ -149,11 +153,19 @@ def find(name: str) -> pathlib.Path:
   raise unknown("config", name, available())
 
 
+# Tables keyed by names a config cannot list (attribute names), each entry
+# overriding some fields of a section: path -> (section, fields).
+KEYED = {"unlearn.per_attribute": ("unlearn", ("w_mi", "lam_rank", "l2", "lr"))}
+
+
 def merge(base: dict, over: dict, where: str = "") -> dict:
   """`over` merged into a copy of `base`; unknown fields and wrong types are refused."""
   out = copy.deepcopy(base)
   for key, value in over.items():
     path = f"{where}{key}"
+    if path in KEYED:
+      out[key] = _merge_keyed(out.get(key, {}), value, path)
+      continue
     if key not in base:
       raise unknown("config field", path, [f"{where}{k}" for k in base])
     if isinstance(base[key], dict):
@@ -162,6 +174,33 @@ def merge(base: dict, over: dict, where: str = "") -> dict:
       out[key] = merge(base[key], value, path + ".")
     else:
       out[key] = _check_type(path, base[key], value)
+  return out
+
+
+def _merge_keyed(base: dict, over, path: str) -> dict:
+  """Keeps only the fields each entry sets, type-checked against the section's defaults."""
+  section, fields = KEYED[path]
+  template = {f: DEFAULTS[section][f] for f in fields}
+  if not isinstance(over, dict):
+    raise LegoError(f"config field {path} must be a table keyed by name, got {over!r}")
+  out = copy.deepcopy(base)
+  for name, sub in over.items():
+    if not isinstance(sub, dict):
+      raise LegoError(f"config field {path}.{name} must be a table of {', '.join(fields)}, "
+                      f"got {sub!r}")
+    checked = merge(template, sub, f"{path}.{name}.")
+    out[name] = {**out.get(name, {}), **{k: checked[k] for k in sub}}
+  return out
+
+
+def fill_defaults(config: dict, defaults: dict = DEFAULTS) -> dict:
+  """`config` with the fields it lacks taken from `defaults` (configs saved by older versions)."""
+  out = copy.deepcopy(config)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = copy.deepcopy(value)
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = fill_defaults(out[key], value)
   return out
 
 

@@ -16,11 +16,9 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
 from lego_jax import config as config_lib
 from lego_jax.errors import LegoError, unknown
-from lego_jax.runner import RANKING_KEYS, attack_table, format_table
+from lego_jax.report import RANKING_KEYS, grid_table, plots, summary
 from lego_jax.unlearning.baselines import METHODS
 from lego_jax.workdir import Workdir, write_json
 
@@ -80,7 +78,7 @@ def _assess(wd: Workdir, table, backbone, names, seconds: float, original=None) 
   res = _evaluate_with(wd, backbone, table)
   ranking = {k: res[k] for k in RANKING_KEYS}
   out = {"ranking": ranking, "seconds": seconds,
-         "attack": {a: attack_table(wd, table, a, "cv5", names)
+         "attack": {a: wd.attack(table, a, "cv5", names)
                     for a in wd.config["run"]["attackers"]}}
   if original is not None:
     out["retention"] = {k: ranking[k] / original["ranking"][k] if original["ranking"][k] else None
@@ -155,42 +153,6 @@ def _sweep(wd: Workdir, names, values, original, say) -> list[dict]:
   return out
 
 
-def summary(results: dict) -> str:
-  """report.md: one table of every method, then the config and the command."""
-  names = results["attributes"]
-  attackers = [a for a in ("mlp", "linear") if a in results["methods"]["original"]["attack"]]
-  headers = ["method", "NDCG@10", "Recall@10", "retention NDCG@10"]
-  headers += [f"leak {a} ({at})" for at in attackers for a in names] + ["seconds"]
-  rows = []
-  for m, r in results["methods"].items():
-    row = [m, r["ranking"]["ndcg@10"], r["ranking"]["recall@10"],
-           (r.get("retention") or {}).get("ndcg@10", 1.0 if m == "original" else "")]
-    for at in attackers:
-      row += [r["attack"][at][a]["leakage"] if "attack" in r else "" for a in names]
-    row.append(f"{r['seconds']:.2f}" if r.get("seconds") else "–")
-    rows.append(row)
-  lines = [f"# lego-jax results: {results['dataset']}, backbone {results['config']['model']['name']}",
-           "", "Leakage = |balanced accuracy - chance| of an attribute-inference attacker "
-           "(5-fold CV, classes balanced); retention = metric after / original.", "",
-           format_table(headers, rows), ""]
-  lines += ["Balanced accuracy (chance in brackets):", "",
-            format_table(["method"] + [f"{a} ({at})" for at in attackers for a in names],
-                         [[m] + [f"{r['attack'][at][a]['bacc']:.3f} ({r['attack'][at][a]['chance']:.3f})"
-                                 for at in attackers for a in names]
-                          for m, r in results["methods"].items() if "attack" in r]), ""]
-  if results.get("sweep"):
-    lines += ["Trade-off sweep (LEGO, ranking weight):", "",
-              format_table(["lam_rank", "retention NDCG@10"] + [f"leak {a} (mlp)" for a in names],
-                           [[s["lam_rank"], s["retention"]["ndcg@10"]]
-                            + [s["attack"]["mlp"][a]["leakage"] for a in names]
-                            for s in results["sweep"]]), ""]
-  if results.get("command"):
-    lines += ["Produced by:", "", f"    {results['command']}", ""]
-  lines += ["Config:", "", "```json", json.dumps(results["config"], indent=1, sort_keys=True),
-            "```", ""]
-  return "\n".join(lines)
-
-
 def _write(wd: Workdir, results: dict) -> None:
   results["summary"] = summary(results)
   write_json(wd.path / "results.json", {k: v for k, v in results.items() if k != "summary"})
@@ -198,56 +160,6 @@ def _write(wd: Workdir, results: dict) -> None:
   tmp.write_text(results["summary"])
   tmp.replace(wd.path / "report.md")
   plots(wd.path, results)
-
-
-def plots(path: pathlib.Path, results: dict) -> None:
-  """leakage.png (BAcc per attribute and method against chance); tradeoff.png when swept."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  names = results["attributes"]
-  methods = [m for m, r in results["methods"].items() if "attack" in r]
-  attackers = [a for a in ("mlp", "linear") if a in results["methods"]["original"]["attack"]]
-  fig, axes = plt.subplots(1, len(attackers), figsize=(5.5 * len(attackers), 3.8), squeeze=False)
-  width = 0.8 / max(len(methods), 1)
-  for ax, at in zip(axes[0], attackers):
-    x = np.arange(len(names))
-    for i, m in enumerate(methods):
-      att = results["methods"][m]["attack"][at]
-      bacc = [att[a]["bacc"] for a in names]
-      err = np.array([[att[a]["bacc"] - att[a]["ci95"][0], att[a]["ci95"][1] - att[a]["bacc"]]
-                      for a in names]).T
-      ax.bar(x + (i - (len(methods) - 1) / 2) * width, bacc, width, yerr=err, label=m, capsize=2)
-    for j, a in enumerate(names):
-      chance = results["methods"]["original"]["attack"][at][a]["chance"]
-      ax.hlines(chance, j - 0.45, j + 0.45, colors="k", linestyles="--",
-                label="chance" if j == 0 else None)
-    ax.set_xticks(x, names)
-    ax.set_ylabel("balanced accuracy")
-    ax.set_title(f"{at} attacker")
-  axes[0][0].legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path / ".leakage.png.tmp.png", dpi=110)
-  (path / ".leakage.png.tmp.png").replace(path / "leakage.png")
-  plt.close(fig)
-  if results.get("sweep"):
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    sw = sorted(results["sweep"], key=lambda s: s["lam_rank"])
-    for a in names:
-      ax.plot([s["retention"]["ndcg@10"] for s in sw], [s["attack"]["mlp"][a]["leakage"] for s in sw],
-              "o-", label=a)
-    for s in sw:
-      ax.annotate(f"{s['lam_rank']:g}", (s["retention"]["ndcg@10"],
-                                         max(s["attack"]["mlp"][a]["leakage"] for a in names)),
-                  fontsize=7)
-    ax.set_xlabel("NDCG@10 retention")
-    ax.set_ylabel("leakage |BAcc - chance| (mlp)")
-    ax.set_title("LEGO trade-off over the ranking weight")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path / ".tradeoff.png.tmp.png", dpi=110)
-    (path / ".tradeoff.png.tmp.png").replace(path / "tradeoff.png")
-    plt.close(fig)
 
 
 def grid(config_names, root, overrides=(), out=None) -> str:
@@ -263,30 +175,3 @@ def grid(config_names, root, overrides=(), out=None) -> str:
   return text
 
 
-def grid_table(results: list[dict]) -> str:
-  """One markdown table of several runs' `results.json`: a row per backbone and method."""
-  names_seen = list(dict.fromkeys(a for res in results for a in res["attributes"]))
-  attackers = list(dict.fromkeys(at for res in results for at in res["config"]["run"]["attackers"]))
-  rows = []
-  for res in results:
-    order = ["original"] + list(res["config"]["run"]["methods"])
-    for m in sorted(res["methods"], key=lambda m: order.index(m) if m in order else len(order)):
-      r = res["methods"][m]
-      if m == "popularity":
-        continue
-      leak = r.get("attack", {})
-      cells = [" / ".join(f"{leak[at][a]['leakage']:.3f}" for at in attackers if at in leak)
-               if a in res["attributes"] else "" for a in names_seen]
-      worst = max((leak[at][a]["leakage"] for at in leak for a in res["attributes"]), default=None)
-      rows.append([res["dataset"], res["config"]["model"]["name"], m,
-                   f"{r['ranking']['ndcg@10']:.4f}",
-                   f"{(r.get('retention') or {}).get('ndcg@10', 1.0):.3f}"] + cells
-                  + ["" if worst is None else f"{worst:.3f}",
-                     _seconds(r.get("seconds"))])
-  headers = ["dataset", "backbone", "method", "NDCG@10", "retention"] + \
-            [f"leak {a} ({' / '.join(attackers)})" for a in names_seen] + ["max leak", "seconds"]
-  return format_table(headers, rows)
-
-
-def _seconds(s) -> str:
-  return "–" if not s else f"{s:.1f}" if s >= 1 else f"{s:.2f}"

@@ -13,29 +13,10 @@ import numpy as np
 
 from lego_jax import config as config_lib, data
 from lego_jax.errors import LegoError
-from lego_jax.evaluation.attackers import attack as attack_embeddings
+from lego_jax.report import ATTACK_KEYS, RANKING_KEYS, format_table
 from lego_jax.unlearning.requests import Unlearner
 from lego_jax.workdir import Workdir
 
-RANKING_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
-ATTACK_KEYS = ("bacc", "macro_f1", "auc", "chance", "leakage", "ci95")
-
-
-def format_table(headers, rows) -> str:
-  """A plain aligned text/markdown table."""
-  cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
-  return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                   + [line(r) for r in cells[1:]])
-
-
-def _fmt(c) -> str:
-  if isinstance(c, float):
-    return f"{c:.4f}"
-  if isinstance(c, (list, tuple)):
-    return "[" + ", ".join(_fmt(x) for x in c) + "]"
-  return str(c)
 
 
 def _overrides(args) -> list[str]:
@@ -102,20 +83,12 @@ def evaluate(args):
 
 
 # ---- attack and export ------------------------------------------------------
-def attack_table(wd: Workdir, table, attacker: str, protocol: str, names=None) -> dict:
-  names = wd.attribute_names() if names is None else names
-  labels, num_classes = wd.labels(names)
-  res = attack_embeddings(np.asarray(table), labels, num_classes, attacker=attacker,
-                          protocol=protocol, seed=wd.config["seed"], config=wd.config["attack"],
-                          names=names)
-  return {a: {k: res[a][k] for k in ATTACK_KEYS} for a in names}
-
-
 def attack(args):
   wd = Workdir.open(args.workdir)
   table = Unlearner(wd).table(args.stage)
   out = {"stage": args.stage, "attacker": args.attacker, "protocol": args.protocol,
-         "attributes": attack_table(wd, table, args.attacker, args.protocol)}
+         "attributes": {a: {k: r[k] for k in ATTACK_KEYS}
+                        for a, r in wd.attack(table, args.attacker, args.protocol).items()}}
 
   def text(o):
     return (f"stage {o['stage']}, attacker {o['attacker']}, protocol {o['protocol']}\n"

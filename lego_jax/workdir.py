@@ -23,7 +23,7 @@ import numpy as np
 
 from lego_jax import config as config_lib, data as data_lib, models, training
 from lego_jax.errors import LegoError, unknown
-from lego_jax.evaluation import ranking
+from lego_jax.evaluation import attackers, ranking
 
 # The fields a trained backbone depends on; the rest (unlearn, combine,
 # attack, run, eval) may change between commands on the same workdir.
@@ -130,7 +130,7 @@ class Workdir:
     if not (path / "config.json").is_file():
       raise LegoError(f"{path} is not a lego-jax workdir (no config.json); "
                       "create one with `lego-jax train` or `lego-jax run`")
-    config = config_lib.load(path / "config.json")
+    config = config_lib.fill_defaults(config_lib.load(path / "config.json"))
     for text in overrides:
       config = config_lib.merge(config, config_lib.parse_override(text))
     return cls.create(path, config) if overrides else cls(path, config)
@@ -188,6 +188,14 @@ class Workdir:
     ec = self.config["eval"]
     return ranking.evaluate(bb.ranking_fn(table), self.split, stage=stage, ks=tuple(ec["ks"]),
                             batch_users=ec["batch_users"])
+
+  def attack(self, table, attacker: str = "mlp", protocol: str = "cv5", names=None) -> dict:
+    """Attribute-inference attack on `table` (the seed and settings of this workdir's config)."""
+    names = self.attribute_names() if names is None else list(names)
+    labels, num_classes = self.labels(names)
+    return attackers.attack(np.asarray(table), labels, num_classes, attacker=attacker,
+                            protocol=protocol, seed=self.config["seed"],
+                            config=self.config["attack"], names=names)
 
   def evaluate_popularity(self, stage: str = "test") -> dict:
     ec = self.config["eval"]

@@ -116,6 +116,23 @@ def test_failing_stage_is_named_and_finished_stages_kept(tmp_path, monkeypatch):
   assert not (run / "stages" / "method_leace.json").exists()
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_bug_inside_a_stage_shows_its_traceback_only_with_debug(capsys, monkeypatch, debug):
+  from lego_jax import runner
+
+  def dispatch(args):
+    try:
+      raise RuntimeError("boom")
+    except RuntimeError as e:
+      raise experiment.StageError("stage 'method:leace' failed with RuntimeError: boom") from e
+
+  monkeypatch.setattr(runner, "dispatch", dispatch)
+  code, _, err = run_cli(capsys, *(["--debug"] if debug else []), "evaluate", "--workdir", "x")
+  assert code == 2 and err.startswith("lego-jax: error: stage 'method:leace' failed")
+  assert ("Traceback" in err and "RuntimeError: boom" in err) == debug
+  assert ("rerun with `lego-jax --debug" in err) != debug
+
+
 def test_a_stage_is_redone_only_when_its_own_settings_change(tmp_path, monkeypatch):
   run = tmp_path / "run"
   experiment.train_and_evaluate(tiny_config("run.methods=[\"lego\", \"leace\"]"), run,

@@ -51,6 +51,30 @@ def test_mmd_mi_grows_with_planted_signal():
   assert vals[0] < vals[1] < vals[2]
 
 
+def _dot_precisions(jaxpr):
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn.params["precision"])
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      out += _dot_precisions(sub)
+  return out
+
+
+@pytest.mark.parametrize("estimator", losses.ESTIMATORS)
+def test_mi_estimate_asks_for_full_float32_products(estimator):
+  # GPUs run float32 matmuls in TF32 unless told otherwise, which drowns an
+  # MMD (a small difference of large sums) in rounding noise.
+  e = jnp.ones((8, 3))
+  ys = jnp.zeros((2, 8), jnp.int32)
+  fn = lambda e: losses.mi_estimate(jax.random.PRNGKey(0), e, ys, jnp.ones((2, 8)), num_classes=2,
+                                    estimator=estimator, linear=True, centre=True)[0].sum()
+  precisions = _dot_precisions(jax.make_jaxpr(jax.grad(fn))(e).jaxpr)
+  assert precisions
+  highest = jax.lax.Precision.HIGHEST
+  assert all(p is not None and all(x == highest for x in p) for p in precisions), precisions
+
+
 def test_excess_mi_is_zero_at_or_below_null():
   np.testing.assert_allclose(losses.excess_mi(jnp.array([[0.5], [1.0], [3.0]]), jnp.ones((3, 1))),
                              [0.0, 0.0, 2.0])
@@ -153,6 +177,17 @@ def test_prior_kl_is_zero_at_the_prior():
   logits = jnp.log(jnp.array([[0.75, 0.25]] * 4))
   assert abs(float(losses.prior_kl(logits, y, jnp.ones(4), 2))) < 1e-6
   assert float(losses.prior_kl(jnp.array([[5.0, -5.0]] * 4), y, jnp.ones(4), 2)) > 0.1
+
+
+def test_rank_hinge_guard_keeps_the_next_items_below_the_list():
+  # A top-3 list in order, then two guard items that must stay below item 3.
+  ok = jnp.array([[3.0, 2.0, 1.0, 0.5, 0.0]])
+  guards_swapped = jnp.array([[3.0, 2.0, 1.0, 0.5, 0.8]])
+  intruder = jnp.array([[3.0, 2.0, 1.0, 0.5, 1.2]])
+  assert float(losses.rank_hinge(ok, 0.05, guard=2)) == 0.0
+  assert float(losses.rank_hinge(guards_swapped, 0.05, guard=2)) == 0.0   # their order is free
+  np.testing.assert_allclose(losses.rank_hinge(guards_swapped, 0.05), 0.35 / 4, rtol=1e-5)  # a list of 5
+  np.testing.assert_allclose(losses.rank_hinge(intruder, 0.05, guard=2), 0.25 / 4, rtol=1e-5)
 
 
 def test_rank_hinge_counts_order_flips():
@@ -360,6 +395,22 @@ def test_unlearn_redoes_bricks_made_under_other_settings_and_requests_do_not(fre
   after = brick_mtimes(fresh_workdir)
   assert after["gender"] != before["gender"] and after["age"] == before["age"]
   assert u.stale() == ["age"]
+
+
+def test_per_attribute_values_redo_only_that_brick(fresh_workdir):
+  Unlearner(Workdir.open(fresh_workdir), progress=False).unlearn(["gender", "age"])
+  before = brick_mtimes(fresh_workdir)
+  wd = Workdir.open(fresh_workdir, ["unlearn.per_attribute.age.lam_rank=3.0"])
+  u = Unlearner(wd, progress=False)
+  assert u.stale() == ["age"]
+  u.unlearn(["gender", "age"])
+  after = brick_mtimes(fresh_workdir)
+  assert after["gender"] == before["gender"] and after["age"] != before["age"]
+  assert u.brick_meta()["age"]["settings"]["lam_rank"] == 3.0
+  assert u.stale() == []
+  bad = Workdir.open(fresh_workdir, ["unlearn.per_attribute.religion.lam_rank=3.0"])
+  with pytest.raises(LegoError, match=r"unknown attribute \(in unlearn.per_attribute\) 'religion'"):
+    Unlearner(bad, progress=False).unlearn(["gender"])
 
 
 def test_single_active_brick_reproduces_that_brick(fresh_workdir):

@@ -40,9 +40,10 @@ def _timed(fn: Callable) -> Callable:
 def _one_table(wd: Workdir, u: Unlearner, target, labels, key):
   """A single free table optimised for every attribute in `labels` at once."""
   spec = u.spec()
-  hp = jax.tree.map(lambda x: x[0], calibration.HParams.from_config(u.cfg, 1))
-  brick, _, _ = calibration.calibrate_one(target, jnp.asarray(labels), hp, key, spec=spec,
-                                          score_fn=wd.backbone(progress=False).score)
+  # One table serves every attribute, so it takes the section's values, not per-attribute ones.
+  hp = jax.tree.map(lambda x: x[0], calibration.HParams.from_config(u.cfg, [None]))
+  brick, _, _ = calibration.jit_calibrate_one(target, jnp.asarray(labels), hp, key, spec=spec,
+                                              score_fn=wd.backbone(progress=False).score)
   return target.e0 + brick
 
 

@@ -11,7 +11,7 @@ interrupted calibration resumes where it stopped.
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import chex
 import jax
@@ -35,6 +35,7 @@ class Spec:
   calibrator: str = "table"
   stop: str = "null"          # null: no MI gradient once the MI estimate is at its permuted-label level
   margin: float = 0.05
+  guard: int = 0              # items after the top-T that must stay below it (see losses.rank_hinge)
   chunk: int = 0              # steps per compiled chunk (0 = all at once)
   bandwidths: tuple = losses.BANDWIDTH_EXPONENTS  # RBF bandwidths beta * 2^j
   linear_kernel: bool = True  # also a linear kernel (class means), hinged on its own
@@ -82,14 +83,18 @@ class HParams(NamedTuple):
   lr: Any
 
   @classmethod
-  def from_config(cls, cfg: dict, k: int) -> "HParams":
-    return cls(*(jnp.full((k,), float(cfg[f]), jnp.float32) for f in cls._fields))
+  def from_config(cls, cfg: dict, names: Sequence[Optional[str]]) -> "HParams":
+    """(K,) arrays, one entry per name: `cfg["per_attribute"][name][field]` where
+    set, else `cfg[field]` (a name of None takes the section's values)."""
+    per = cfg.get("per_attribute", {})
+    return cls(*(jnp.asarray([float(per.get(n, {}).get(f, cfg[f])) for n in names], jnp.float32)
+                 for f in cls._fields))
 
 
 class Target(NamedTuple):
   """What calibration needs of the trained model, shared by all attributes."""
   e0: jax.Array               # (n, D) original user table
-  topk: jax.Array             # (n, T) each user's original top-T unseen items, best first
+  topk: jax.Array             # (n, T + guard) each user's original best unseen items, best first
   scale: jax.Array            # () spread of the original top-T scores: the hinge's unit
 
 
@@ -188,7 +193,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       mi, null, excess = spec.mi(k_mi, e, yb, mb)
       mi, null = mi.sum(-1), null.sum(-1)
       mi_term = jnp.sum(excess)
-    rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin)
+    rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
     pull = losses.l2_pull(e, e0[users])
     total = hp.w_mi * mi_term + hp.lam_rank * rank + hp.l2 * pull
     return total, (e, Trace(mi, null, rank))
@@ -223,6 +228,12 @@ def calibrate_one(target: Target, y, hp: HParams, key, *, spec: Spec, score_fn: 
   state = init_state(key, e0, spec, hp.lr)
   state, trace = run_steps(state, y, hp, target, spec=spec, score_fn=score_fn, n_steps=spec.steps)
   return brick(state, e0, spec), state, trace
+
+
+# Compiled once per spec and backbone: the joint and sequential baselines (and
+# benchmarks) call one calibration directly, which run eagerly would re-trace
+# and re-compile its scan on every call.
+jit_calibrate_one = jax.jit(calibrate_one, static_argnames=("spec", "score_fn"))
 
 
 def brick(state: State, e0, spec: Spec) -> jax.Array:

@@ -32,6 +32,7 @@ class Spec:
   steps: int = 100
   batch_users: int = 1024
   margin: float = 0.05
+  guard: int = 0
   init: str = "uniform"
   # The calibration's Spec, whose MI estimator (loss, kernels, stopping rule)
   # the combination uses too; None = the defaults.
@@ -54,6 +55,7 @@ class Spec:
     mi = calibration.Spec.from_config({**unlearn_cfg, "loss": loss}, num_classes)
     return cls(num_classes=num_classes, mode=cfg["mode"], steps=cfg["steps"],
                batch_users=unlearn_cfg["batch_users"], margin=unlearn_cfg["margin"],
+               guard=unlearn_cfg["guard"],
                init=cfg["init"], mi=mi)
 
 
@@ -89,7 +91,8 @@ def coefficients(w, active, mode: str) -> jax.Array:
 def combine(w, e0, bricks, active, mode: str) -> jax.Array:
   """E* = E0 + sum_k coef_k * D_k; bricks (K, n, D)."""
   coef = coefficients(w, active, mode)
-  return e0 + jnp.einsum("kd,knd->nd", jnp.broadcast_to(coef, (coef.shape[0], bricks.shape[-1])), bricks)
+  coef = jnp.broadcast_to(coef, (coef.shape[0], bricks.shape[-1]))
+  return e0 + jnp.einsum("kd,knd->nd", coef, bricks, precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "score_fn"))
@@ -112,7 +115,7 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
     ys = labels[:, users]
     ms = (ys >= 0).astype(e.dtype)
     mi, null, gap = spec.mi.mi(k_mi, e, ys, ms)
-    rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin)
+    rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
     return total, {"mi": mi, "null": null, "rank": rank}
 

@@ -29,7 +29,7 @@ IN_PROGRESS = ".in-progress"
 # one made under other values (as does `calibrate(..., force=True)`), and an
 # interrupted calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
-                "topk", "margin", "stop", "bandwidths", "linear_kernel", "centre", "estimator",
+                "topk", "guard", "margin", "stop", "bandwidths", "linear_kernel", "centre", "estimator",
                 "features", "hinge", "null_perms")
 
 
@@ -105,24 +105,32 @@ class Unlearner:
     return calibration.Spec.from_config(self.cfg, self.num_classes(), chunk=self.cfg["ckpt_every"])
 
   def target(self) -> calibration.Target:
-    """E0, each user's original top-T list and the score scale (computed once)."""
+    """E0, each user's original top-(T + guard) list and the score scale (computed once)."""
     if not hasattr(self, "_target"):
       bb = self.wd.backbone(progress=self.progress)
       e0 = bb.table()
-      topk = preservation.top_unseen(bb.ranking_fn(e0), self.wd.split, self.cfg["topk"],
+      t = self.cfg["topk"]
+      topk = preservation.top_unseen(bb.ranking_fn(e0), self.wd.split, t + self.cfg["guard"],
                                      self.wd.config["eval"]["batch_users"])
       score = bb.score
-      scale = preservation.score_scale(lambda u, i: score(e0, u, i), topk)
+      scale = preservation.score_scale(lambda u, i: score(e0, u, i), topk[:, :t])
       self._target = calibration.Target(e0, jnp.asarray(topk), jnp.float32(scale))
     return self._target
 
-  def calibrate(self, names, force: bool = False) -> list[str]:
-    """Calibrates the named attributes that have no brick yet (all of them with `force`)."""
-    names = list(dict.fromkeys(names))
+  def _checked(self, names) -> list[str]:
+    """`names` without repeats; an unknown one, here or in per-attribute settings, is refused."""
     valid = self.wd.attribute_names()
     for n in names:
       if n not in valid:
         raise unknown("attribute", n, valid)
+    for n in self.cfg.get("per_attribute", {}):
+      if n not in valid:
+        raise unknown("attribute (in unlearn.per_attribute)", n, valid)
+    return list(dict.fromkeys(names))
+
+  def calibrate(self, names, force: bool = False) -> list[str]:
+    """Calibrates the named attributes that have no brick yet (all of them with `force`)."""
+    names = self._checked(names)
     done = self.brick_meta()
     todo = [n for n in names if force or n not in done]
     if not todo:
@@ -130,9 +138,9 @@ class Unlearner:
     spec = self.spec()
     target = self.target()
     labels, _ = self.wd.labels(todo)
-    hps = calibration.HParams.from_config(self.cfg, len(todo))
+    hps = calibration.HParams.from_config(self.cfg, todo)
     keys = jnp.stack([attribute_key(self.wd.config["seed"], n) for n in todo])
-    settings = {"attributes": todo, **{f: self.cfg.get(f) for f in BRICK_FIELDS},
+    settings = {"attributes": todo, "bricks": {n: self.brick_settings(n) for n in todo},
                 "chunk": spec.chunk, **self._identity()}
     state = self._resume(settings, calibration.init_states(keys, target.e0, hps.lr, spec=spec))
     bb = self.wd.backbone(progress=False)
@@ -153,7 +161,7 @@ class Unlearner:
     bricks = np.asarray(bricks)
     for k, name in enumerate(todo):
       meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
-              "settings": {f: self.cfg.get(f) for f in BRICK_FIELDS},
+              "settings": self.brick_settings(name),
               "final_mi": float(trace.mi[k, -1, 0]), "final_null": float(trace.null[k, -1, 0]),
               "final_rank": float(trace.rank[k, -1]), **self._identity()}
       tree = {"delta": bricks[k]}
@@ -204,11 +212,15 @@ class Unlearner:
     return table
 
   # ---- requests ----------------------------------------------------------
+  def brick_settings(self, name: str) -> dict:
+    """The `unlearn` values that make brick `name`: its per-attribute ones where set."""
+    return {**{f: self.cfg.get(f) for f in BRICK_FIELDS},
+            **self.cfg.get("per_attribute", {}).get(name, {})}
+
   def stale(self, meta: Optional[dict] = None) -> list[str]:
     """Bricks calibrated under other `unlearn` settings than the current ones."""
-    now = {f: self.cfg.get(f) for f in BRICK_FIELDS}
     meta = self.brick_meta() if meta is None else meta
-    return [n for n, m in meta.items() if m.get("settings") != now]
+    return [n for n, m in meta.items() if m.get("settings") != self.brick_settings(n)]
 
   def unlearn(self, names) -> np.ndarray:
     """Calibrates what is missing or stale of `names`, then combines exactly `names`.
@@ -217,7 +229,7 @@ class Unlearner:
     settings means what it says; requests (`add`, `withdraw`) reuse bricks as
     they are.
     """
-    names = list(dict.fromkeys(names))
+    names = self._checked(names)
     done = self.brick_meta()
     stale = set(self.stale(done))
     redo = [n for n in names if n not in done or n in stale]
