@@ -77,10 +77,13 @@ DEFAULTS: dict[str, Any] = {
         "lr": 3e-3,
         "w_mi": 1.0,              # weight of MI / null-level (dimensionless)
         "lam_rank": 300.0,        # weight of the top-T hinge (in units of the score spread)
-        "l2": 0.0,
+        # The pull toward the original row keeps a brick to what its attribute
+        # needs: without it the minibatch noise of the MI estimate drifts every
+        # row, and three bricks' drifts add up (README, "Utility").
+        "l2": 10.0,
         "batch_users": 1024,      # class-stratified minibatch size; 0 = full batch
         "topk": 20,
-        "guard": 0,               # items after the top-T held below it by the same hinge
+        "guard": 30,              # items after the top-T held below it by the same hinge
         "margin": 0.05,
         # The MI estimate: one hinge per kernel (`hinge`), each stopped at its
         # own permuted-label level (`stop`). The class means are measured by a
@@ -88,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
         # so removing a nonlinear signal cannot over-balance the means, which
         # is what sent the linear probe below chance (README, over-unlearning).
         "linear_kernel": True,
+        "linear_scope": "batch",  # batch | population (the linear kernel over every user)
         "centre": True,
         "bandwidths": [-2, -1, 0, 1, 2],  # RBF kernel bandwidths beta * 2^j
         "hinge": "kernel",        # kernel | sum (one hinge on the sum of the kernels)
@@ -105,7 +109,7 @@ DEFAULTS: dict[str, Any] = {
         "steps": 100,
         "lr": 1e-2,
         "w_mi": 1.0,
-        "lam_rank": 100.0,
+        "lam_rank": 200.0,
         "init": "uniform",        # uniform (1/|R|) | ones
     },
     "run": {

@@ -75,6 +75,25 @@ def test_mi_estimate_asks_for_full_float32_products(estimator):
   assert all(p is not None and all(x == highest for x in p) for p in precisions), precisions
 
 
+def test_population_linear_kernel_sees_every_user_and_has_a_lower_null():
+  rng = np.random.default_rng(3)
+  n = 600
+  y = rng.integers(0, 2, n)
+  table = jnp.asarray(rng.normal(size=(n, 8)) + 0.1 * y[:, None], jnp.float32)
+  labels = jnp.asarray(y[None], jnp.int32)
+  users = jnp.arange(64)
+  batch = calibration.Spec(num_classes=2)
+  pop = calibration.Spec(num_classes=2, linear_scope="population")
+  mi_b, null_b, _ = batch.mi(jax.random.PRNGKey(0), table, users, labels)
+  mi_p, null_p, _ = pop.mi(jax.random.PRNGKey(0), table, users, labels)
+  chex.assert_equal_shape([mi_b, mi_p, null_b, null_p])
+  # The linear column: a 600-user null is about 64/600 of a 64-user one.
+  assert float(null_p[0, 0]) < 0.5 * float(null_b[0, 0])
+  grad = lambda spec: jax.grad(lambda t: spec.mi(jax.random.PRNGKey(0), t, users, labels)[0].sum())
+  outside = lambda g: float(jnp.abs(g(table)[64:]).max())
+  assert outside(grad(batch)) == 0.0 and outside(grad(pop)) > 0.0
+
+
 def test_excess_mi_is_zero_at_or_below_null():
   np.testing.assert_allclose(losses.excess_mi(jnp.array([[0.5], [1.0], [3.0]]), jnp.ones((3, 1))),
                              [0.0, 0.0, 2.0])
@@ -411,6 +430,12 @@ def test_per_attribute_values_redo_only_that_brick(fresh_workdir):
   bad = Workdir.open(fresh_workdir, ["unlearn.per_attribute.religion.lam_rank=3.0"])
   with pytest.raises(LegoError, match=r"unknown attribute \(in unlearn.per_attribute\) 'religion'"):
     Unlearner(bad, progress=False).unlearn(["gender"])
+
+
+def test_a_preserved_list_longer_than_the_catalogue_is_refused(fresh_workdir):
+  wd = Workdir.open(fresh_workdir, ["unlearn.guard=200"])
+  with pytest.raises(LegoError, match=r"unlearn.topk \+ unlearn.guard = 220 exceeds the 150 items"):
+    Unlearner(wd, progress=False).unlearn(["gender"])
 
 
 def test_single_active_brick_reproduces_that_brick(fresh_workdir):

@@ -111,10 +111,7 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
 
   def objective(w, users, k_mi):
     table = combine(w, e0, bricks, active, spec.mode)
-    e = table[users]
-    ys = labels[:, users]
-    ms = (ys >= 0).astype(e.dtype)
-    mi, null, gap = spec.mi.mi(k_mi, e, ys, ms)
+    mi, null, gap = spec.mi.mi(k_mi, table, users, labels)
     rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
     return total, {"mi": mi, "null": null, "rank": rank}

@@ -29,8 +29,8 @@ IN_PROGRESS = ".in-progress"
 # one made under other values (as does `calibrate(..., force=True)`), and an
 # interrupted calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
-                "topk", "guard", "margin", "stop", "bandwidths", "linear_kernel", "centre", "estimator",
-                "features", "hinge", "null_perms")
+                "topk", "guard", "margin", "stop", "bandwidths", "linear_kernel", "linear_scope",
+                "centre", "estimator", "features", "hinge", "null_perms")
 
 
 def attribute_key(seed: int, name: str) -> jax.Array:
@@ -110,6 +110,9 @@ class Unlearner:
       bb = self.wd.backbone(progress=self.progress)
       e0 = bb.table()
       t = self.cfg["topk"]
+      if t + self.cfg["guard"] > self.wd.split.n_items:
+        raise LegoError(f"unlearn.topk + unlearn.guard = {t + self.cfg['guard']} exceeds the "
+                        f"{self.wd.split.n_items} items of this dataset; lower them")
       topk = preservation.top_unseen(bb.ranking_fn(e0), self.wd.split, t + self.cfg["guard"],
                                      self.wd.config["eval"]["batch_users"])
       score = bb.score
