@@ -32,7 +32,6 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax import config as config_lib  # noqa: E402
-from lego_jax.evaluation.attackers import attack  # noqa: E402
 from lego_jax.unlearning.requests import Unlearner  # noqa: E402
 from lego_jax.workdir import IDENTITY, Workdir  # noqa: E402
 
@@ -49,12 +48,10 @@ def read_settings(path: str) -> list[list[str]]:
 
 
 def leakage(wd: Workdir, table, names, attackers) -> dict:
-  labels, ncls = wd.labels(names)
-  out = {}
-  for a in attackers:
-    res = attack(table, labels, ncls, attacker=a, names=names, config=wd.config["attack"])
-    out[a] = {n: round(res[n]["bacc"] - res[n]["chance"], 4) for n in names}
-  return out
+  """Signed leakage (BAcc - chance) per attacker and attribute."""
+  return {a: {n: round(r["bacc"] - r["chance"], 4)
+              for n, r in wd.attack(table, a, "cv5", names).items()}
+          for a in attackers}
 
 
 def copy_workdir(src: pathlib.Path, dst: pathlib.Path) -> None:

@@ -18,7 +18,6 @@ from lego_jax.unlearning.requests import Unlearner
 from lego_jax.workdir import Workdir
 
 
-
 def _overrides(args) -> list[str]:
   sets = list(getattr(args, "set", []) or [])
   if getattr(args, "data_dir", None):

@@ -31,6 +31,11 @@ def test_bad_per_attribute_values_are_refused(override, message):
     config_lib.resolve(None, [override])
 
 
+def test_per_attribute_fields_are_the_calibration_weights():
+  # config cannot import the unlearning package, so the list is kept twice.
+  assert config_lib.KEYED["unlearn.per_attribute"][1] == calibration.HParams._fields
+
+
 def test_fill_defaults_adds_fields_an_older_config_lacks():
   old = config_lib.resolve(None)
   del old["unlearn"]["per_attribute"], old["combine"]["init"]
