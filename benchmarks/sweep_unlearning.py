@@ -1,7 +1,7 @@
 """LEGO on one trained workdir under several settings: utility and leakage of each.
 
   python benchmarks/sweep_unlearning.py --workdir W --settings FILE [--out F.jsonl]
-                                        [--bricks] [--deadline SECONDS]
+                                        [--bricks] [--attributes a,b] [--deadline SECONDS]
 
 FILE has one setting per line: `--set`-style overrides separated by spaces
 (`unlearn.per_attribute.age.lam_rank=100 combine.lam_rank=300`); an empty
@@ -15,7 +15,8 @@ bricks.
 Each setting reports the combined table's test NDCG@10 retention and the
 signed leakage (BAcc - chance; negative = overshoot) of every attribute for
 the MLP attacker and the linear probe (cv5), the unlearning seconds, and with
-`--bricks` the same for each brick alone against its own attribute. One JSON
+`--bricks` the same for each brick alone against its own attribute.
+`--attributes` unlearns only those (default: every attribute of the data). One JSON
 object per setting goes to `--out` as it finishes (so a run cut short keeps
 what it measured); a table follows at the end.
 """
@@ -32,6 +33,7 @@ import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax import config as config_lib  # noqa: E402
+from lego_jax.errors import LegoError  # noqa: E402
 from lego_jax.unlearning.requests import Unlearner  # noqa: E402
 from lego_jax.workdir import IDENTITY, Workdir  # noqa: E402
 
@@ -71,6 +73,7 @@ def main():
   ap.add_argument("--out", default="")
   ap.add_argument("--attackers", default="mlp,linear")
   ap.add_argument("--bricks", action="store_true", help="also attack each brick alone")
+  ap.add_argument("--attributes", default="", help="comma-separated; default: all")
   ap.add_argument("--deadline", type=float, default=0, help="stop starting settings after this")
   args = ap.parse_args()
   start = time.time()
@@ -82,7 +85,11 @@ def main():
     copy_workdir(pathlib.Path(args.workdir), path)
     wd = Workdir.open(path)
     base_config = wd.config
-    names = wd.attribute_names()
+    names = args.attributes.split(",") if args.attributes else wd.attribute_names()
+    try:
+      wd.labels(names)
+    except LegoError as e:
+      raise SystemExit(str(e)) from None
     orig = wd.evaluate()["ndcg@10"]
     for overrides in settings:
       if args.deadline and time.time() - start > args.deadline:

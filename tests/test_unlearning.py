@@ -191,6 +191,23 @@ def test_centred_kernels_see_shape_and_the_linear_kernel_sees_location(estimator
   assert ratio["scaled"][0] < 3 and (ratio["scaled"][1:] > 10).all()
 
 
+def test_centred_estimate_with_the_linear_kernel_alone():
+  # `bandwidths = []` leaves the class means: one kernel, whatever `centre` says.
+  rng = np.random.default_rng(9)
+  y = rng.integers(0, 2, 200)
+  e = jnp.asarray(rng.normal(size=(200, 4)) + 0.8 * y[:, None], jnp.float32)
+  for centre in (True, False):
+    mi, null = losses.mi_estimate(jax.random.PRNGKey(0), e, jnp.asarray(y)[None], jnp.ones((1, 200)),
+                                  num_classes=2, linear=True, centre=centre, exponents=())
+    chex.assert_shape([mi, null], (1, 1))
+    assert float(mi[0, 0] / null[0, 0]) > 10
+
+
+def test_an_estimate_without_any_kernel_is_a_config_error():
+  with pytest.raises(LegoError, match="needs a kernel"):
+    calibration.Spec(num_classes=2, linear_kernel=False, bandwidths=())
+
+
 def test_prior_kl_is_zero_at_the_prior():
   y = jnp.array([0, 0, 0, 1])
   logits = jnp.log(jnp.array([[0.75, 0.25]] * 4))

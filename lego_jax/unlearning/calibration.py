@@ -59,6 +59,9 @@ class Spec:
     if self.linear_scope not in LINEAR_SCOPES:
       raise unknown("linear kernel scope", self.linear_scope, LINEAR_SCOPES)
     calibrators.get(self.calibrator)
+    if not (self.linear_kernel or self.bandwidths) and self.loss != "adversarial":
+      raise LegoError("the MI estimate needs a kernel: set unlearn.linear_kernel = true "
+                      "or give unlearn.bandwidths")
     if self.steps < 0:
       raise LegoError(f"unlearn.steps must be >= 0, got {self.steps}")
 

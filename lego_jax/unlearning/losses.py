@@ -163,8 +163,10 @@ def mi_estimate(key, e, ys, ms, *, num_classes: int, loss: str = "mmd", estimato
     def per_kernel(y, m):
       ks = shared
       if centre:
-        shape = kernels(class_centred(e, y, m, num_classes), ones, exponents)
-        ks = jnp.concatenate([kernels(e, ones, (), True), shape]) if linear else shape
+        ks = [kernels(e, ones, (), True)] if linear else []
+        if exponents:
+          ks.append(kernels(class_centred(e, y, m, num_classes), ones, exponents))
+        ks = jnp.concatenate(ks)
       return jax.vmap(lambda k: mi_fn(e, y, m, num_classes, k))(ks)
   else:
     shared = None if centre else random_features(k_feat, e, ones, exponents, linear, n_features)
