@@ -203,6 +203,18 @@ def test_centred_estimate_with_the_linear_kernel_alone():
     assert float(mi[0, 0] / null[0, 0]) > 10
 
 
+@pytest.mark.parametrize("scope", calibration.LINEAR_SCOPES)
+def test_spec_mi_with_the_linear_kernel_alone(scope):
+  rng = np.random.default_rng(10)
+  y = jnp.asarray(rng.integers(0, 2, (1, 120)))
+  table = jnp.asarray(rng.normal(size=(120, 4)), jnp.float32) + 2.0 * y[0][:, None]
+  spec = calibration.Spec(num_classes=2, bandwidths=(), linear_scope=scope)
+  mi, null, excess = spec.mi(jax.random.PRNGKey(0), table, jnp.arange(0, 120, 2), y)
+  chex.assert_shape([mi, null], (1, 1))
+  chex.assert_shape(excess, (1,))
+  assert float(excess[0]) > 5
+
+
 def test_an_estimate_without_any_kernel_is_a_config_error():
   with pytest.raises(LegoError, match="needs a kernel"):
     calibration.Spec(num_classes=2, linear_kernel=False, bandwidths=())

@@ -87,16 +87,17 @@ class Spec:
     ms = (ys >= 0).astype(e.dtype)
     population = self.linear_kernel and self.linear_scope == "population"
     kw = dict(num_classes=self.num_classes, loss=self.loss, n_null=self.null_perms)
+    parts = []
     if population:
       key, k_pop = jax.random.split(key)
-    mi, null = losses.mi_estimate(
-        key, e, ys, ms, estimator=self.estimator, exponents=self.bandwidths,
-        linear=self.linear_kernel and not population, centre=self.centre,
-        n_features=self.features, **kw)
-    if population:
-      mi_l, null_l = losses.mi_estimate(k_pop, table, labels, (labels >= 0).astype(table.dtype),
-                                        estimator="features", exponents=(), linear=True, **kw)
-      mi, null = jnp.concatenate([mi_l, mi], -1), jnp.concatenate([null_l, null], -1)
+      parts.append(losses.mi_estimate(k_pop, table, labels, (labels >= 0).astype(table.dtype),
+                                      estimator="features", exponents=(), linear=True, **kw))
+    if self.bandwidths or (self.linear_kernel and not population):
+      parts.append(losses.mi_estimate(
+          key, e, ys, ms, estimator=self.estimator, exponents=self.bandwidths,
+          linear=self.linear_kernel and not population, centre=self.centre,
+          n_features=self.features, **kw))
+    mi, null = (jnp.concatenate(x, -1) for x in zip(*parts))
     return mi, null, losses.excess_mi(mi, null, self.stop, self.hinge)
 
 
