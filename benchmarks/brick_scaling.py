@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from lego_jax.errors import LegoError  # noqa: E402
 from lego_jax.unlearning.requests import Unlearner  # noqa: E402
 from lego_jax.workdir import Workdir  # noqa: E402
 
@@ -42,7 +43,10 @@ def main():
   wd = Workdir.open(args.workdir)
   u = Unlearner(wd, progress=False)
   e0 = np.asarray(wd.backbone(progress=False).table())
-  brick = u.table(f"brick:{args.attribute}") - e0
+  try:  # an attribute without a brick (or unknown) lists the ones there are
+    brick = u.table(f"brick:{args.attribute}") - e0
+  except LegoError as e:
+    raise SystemExit(str(e)) from None
   labels, _ = wd.labels([args.attribute])
   spec = dataclasses.replace(u.spec(), null_perms=args.perms)
   orig = wd.evaluate()["ndcg@10"]
