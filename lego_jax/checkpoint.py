@@ -8,6 +8,7 @@ Arrays are saved as numpy (host) arrays and come back as numpy arrays, so a
 checkpoint written on a GPU restores on a CPU.
 """
 
+import hashlib
 import json
 import os
 import pathlib
@@ -24,6 +25,10 @@ from lego_jax.errors import LegoError
 
 _TREE = "tree"
 _META = "metadata.json"
+# sha256 of every array saved, checked on restore: a damaged file can decode
+# to plausible-looking numbers (flipped bytes gave rows of 4.5e37), which no
+# reader would notice otherwise. Checkpoints from before it are read unchecked.
+_SUMS = "checksums.json"
 
 
 def _complete(path: pathlib.Path) -> bool:
@@ -57,6 +62,7 @@ def save(directory, tree, metadata: dict) -> None:
   tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
   try:
     ocp.PyTreeCheckpointer().save(tmp / _TREE, tree)
+    (tmp / _SUMS).write_text(json.dumps(checksums(tree), indent=1, sort_keys=True))
     (tmp / _META).write_text(json.dumps(metadata, indent=1, sort_keys=True))
     old = _backup(directory)
     if old.exists():
@@ -69,15 +75,51 @@ def save(directory, tree, metadata: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def checksums(tree) -> dict:
+  """{key path: sha256 of dtype, shape and bytes} of every array in `tree`."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.ascontiguousarray(np.asarray(leaf))
+    h = hashlib.sha256(f"{x.dtype}{x.shape}".encode())
+    h.update(x.tobytes())
+    out[jax.tree_util.keystr(path)] = h.hexdigest()
+  return out
+
+
+def _damaged(directory: pathlib.Path, what: str) -> LegoError:
+  return LegoError(f"checkpoint {directory} is damaged ({what}); delete the folder and rerun "
+                   "the command that made it")
+
+
 def restore(directory):
-  """(tree, metadata) of the checkpoint at `directory`; arrays come back as numpy."""
+  """(tree, metadata) of the checkpoint at `directory`; arrays come back as numpy.
+
+  A damaged checkpoint (unreadable, or arrays that do not match the checksums
+  saved with them) is a LegoError naming the folder, never wrong numbers.
+  """
   directory = pathlib.Path(directory).absolute()
-  if not exists(directory):
-    raise LegoError(f"no finished checkpoint at {directory}")
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # Orbax warns about sharding when restoring to host
-    tree = ocp.PyTreeCheckpointer().restore(directory / _TREE)
-  return jax.tree.map(np.asarray, tree), metadata(directory)
+  meta = metadata(directory)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # Orbax warns about sharding when restoring to host
+      tree = ocp.PyTreeCheckpointer().restore(directory / _TREE)
+    tree = jax.tree.map(np.asarray, tree)
+  except Exception as e:  # Orbax and its codecs raise many types on damaged files
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    raise _damaged(directory, f"{_TREE}/ unreadable: {type(e).__name__}: {first}") from None
+  sums = directory / _SUMS
+  if sums.is_file():
+    try:
+      want = json.loads(sums.read_text())
+    except (OSError, ValueError) as e:
+      raise _damaged(directory, f"{_SUMS}: {e}") from None
+    got = checksums(tree)
+    if set(got) != set(want):
+      raise _damaged(directory, f"{_TREE}/ holds arrays {sorted(got)}, {_SUMS} lists {sorted(want)}")
+    bad = [k for k in sorted(got) if got[k] != want[k]]
+    if bad:
+      raise _damaged(directory, f"array {bad[0]} in {_TREE}/ does not match its checksum")
+  return tree, meta
 
 
 def metadata(directory) -> dict:
@@ -85,7 +127,13 @@ def metadata(directory) -> dict:
   directory = pathlib.Path(directory).absolute()
   if not exists(directory):
     raise LegoError(f"no finished checkpoint at {directory}")
-  return json.loads((directory / _META).read_text())
+  try:
+    meta = json.loads((directory / _META).read_text())
+  except (OSError, ValueError) as e:
+    raise _damaged(directory, f"{_META}: {e}") from None
+  if not isinstance(meta, dict):
+    raise _damaged(directory, f"{_META} is not a JSON object")
+  return meta
 
 
 def flatten(tree) -> dict:

@@ -20,7 +20,7 @@ from lego_jax import config as config_lib
 from lego_jax.errors import LegoError, unknown
 from lego_jax.report import RANKING_KEYS, grid_table, plots, summary
 from lego_jax.unlearning.baselines import METHODS
-from lego_jax.workdir import Workdir, write_json
+from lego_jax.workdir import Workdir, safe_name, write_json, writer_lock
 
 # Config sections a stage's stored outcome depends on beyond the workdir's
 # identity (data, backbone, seed) and the attributes: a stage is redone only
@@ -95,6 +95,11 @@ def _evaluate_with(wd: Workdir, backbone, table):
 
 def train_and_evaluate(config: dict, workdir, progress: bool = True) -> dict:
   """The whole pipeline; returns the results dict also written to results.json."""
+  with writer_lock(workdir):
+    return _train_and_evaluate(config, workdir, progress)
+
+
+def _train_and_evaluate(config: dict, workdir, progress: bool) -> dict:
   say = (lambda s: print(f"[lego-jax] {s}", file=sys.stderr, flush=True)) if progress else (
       lambda s: None)
   methods = list(config["run"]["methods"])
@@ -110,7 +115,7 @@ def train_and_evaluate(config: dict, workdir, progress: bool = True) -> dict:
 
   start = time.perf_counter()
   say("stage backbone: train or reuse")
-  wd.backbone(progress=progress)  # checkpointed every epoch by training itself
+  wd.train(progress=progress)  # checkpointed every epoch by training itself
   results["seconds_backbone"] = time.perf_counter() - start
 
   original = _stage(wd, "original", lambda: _assess(wd, None, None, names, 0.0), say, names)
@@ -165,7 +170,8 @@ def _write(wd: Workdir, results: dict) -> None:
 def grid(config_names, root, overrides=(), out=None) -> str:
   """Runs each config into root/<name> and writes one combined markdown table."""
   root = pathlib.Path(root)
-  results = [train_and_evaluate(config_lib.resolve(name, overrides), root / pathlib.Path(name).stem)
+  results = [train_and_evaluate(config_lib.resolve(name, overrides),
+                                root / safe_name(pathlib.Path(name).stem))
              for name in config_names]
   text = (f"Produced by: lego-jax grid --configs {','.join(config_names)} --root {root}\n\n"
           + grid_table(results) + "\n")

@@ -15,7 +15,7 @@ from lego_jax import config as config_lib, data
 from lego_jax.errors import LegoError
 from lego_jax.report import ATTACK_KEYS, RANKING_KEYS, format_table
 from lego_jax.unlearning.requests import Unlearner
-from lego_jax.workdir import Workdir
+from lego_jax.workdir import Workdir, safe_name, writer_lock
 
 
 def _overrides(args) -> list[str]:
@@ -54,9 +54,10 @@ def open_or_create(args) -> Workdir:
 
 
 def train(args):
-  wd = open_or_create(args)
-  wd.backbone()
-  return evaluate_workdir(wd), False, _ranking_table
+  with writer_lock(args.workdir):
+    wd = open_or_create(args)
+    wd.train()
+    return evaluate_workdir(wd), False, _ranking_table
 
 
 def evaluate_workdir(wd: Workdir) -> dict:
@@ -104,8 +105,8 @@ def export(args):
   ds = wd.dataset
   arrays = {"embeddings": table, "user_ids": np.asarray(ds.user_ids).astype(str)}
   for name, attr in ds.attributes.items():
-    arrays[f"attr_{name}"] = attr.codes.astype(np.int32)
-    arrays[f"attr_{name}_classes"] = np.asarray(attr.classes, dtype=str)
+    arrays[f"attr_{safe_name(name)}"] = attr.codes.astype(np.int32)
+    arrays[f"attr_{safe_name(name)}_classes"] = np.asarray(attr.classes, dtype=str)
   out = pathlib.Path(args.out)
   if out.suffix != ".npz":
     raise LegoError(f"--out must name a .npz file, got {out}")
@@ -125,20 +126,27 @@ def requested(wd: Workdir, text=None) -> list[str]:
 
 
 def unlearn(args):
-  wd = Workdir.open(args.workdir, args.set)
-  u = Unlearner(wd)
-  u.unlearn(requested(wd, args.attributes))
-  return _status(u, False)
+  Workdir.open(args.workdir)  # a missing workdir is named before anything is written
+  # Held from before the overrides are saved to config.json until the bricks
+  # are written, so a second writer cannot mix its settings into this run.
+  with writer_lock(args.workdir):
+    wd = Workdir.open(args.workdir, args.set)
+    u = Unlearner(wd)
+    u.unlearn(requested(wd, args.attributes))
+    return _status(u, False)
 
 
 def request(args):
   wd = Workdir.open(args.workdir)
   u = Unlearner(wd)
-  if args.request_command == "add":
-    u.add(args.attribute)
-  elif args.request_command == "withdraw":
-    u.withdraw(args.attribute)
-  return _status(u, getattr(args, "json", False))
+  if args.request_command == "status":
+    return _status(u, args.json)
+  with wd.writing():
+    if args.request_command == "add":
+      u.add(args.attribute)
+    else:
+      u.withdraw(args.attribute)
+  return _status(u, False)
 
 
 def _status(u: Unlearner, as_json: bool):
@@ -157,7 +165,7 @@ def run(args):
   config = config_lib.resolve(name, _overrides(args))
   if args.sweep:
     config["run"]["sweep"] = [float(x) for x in args.sweep.split(",") if x]
-  workdir = args.workdir or os.path.join("runs", pathlib.Path(name).stem)
+  workdir = args.workdir or os.path.join("runs", safe_name(pathlib.Path(name).stem))
   results = experiment.train_and_evaluate(config, workdir)
   return results["summary"], False, lambda s: s
 

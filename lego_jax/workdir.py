@@ -11,23 +11,52 @@ A workdir is tied to one dataset, split, backbone and training config; opening
 it with another is refused with a message that says what differs.
 """
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import json
 import os
 import pathlib
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lego_jax import config as config_lib, data as data_lib, models, training
+from lego_jax import checkpoint, config as config_lib, data as data_lib, models, training
 from lego_jax.errors import LegoError, unknown
 from lego_jax.evaluation import attackers, ranking
 
 # The fields a trained backbone depends on; the rest (unlearn, combine,
 # attack, run, eval) may change between commands on the same workdir.
 IDENTITY = ("seed", "data", "model", "train")
+
+
+# Names from data files and configs (attributes, stages) become folder names:
+# only these characters pass through unchanged, so no name can climb out of
+# its folder (`..`, `/`, an absolute path) or collide with a dot-folder of ours.
+_SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def safe_name(name: str) -> str:
+  """A file-system name for `name` that stays inside the folder it is joined to.
+
+  Names made only of letters, digits, `_` and `-` are kept as they are (so
+  existing workdirs keep their layout); any other name becomes a slug of it
+  plus a hash of the exact name, which keeps distinct names apart.
+  """
+  name = str(name)
+  if _SAFE.fullmatch(name):
+    return name
+  slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40] or "name"
+  return f"{slug}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
+def child(folder: os.PathLike, name: str) -> pathlib.Path:
+  """`folder / safe_name(name)`."""
+  return pathlib.Path(folder) / safe_name(name)
 
 
 def _diff(old: Any, new: Any, where: str = "") -> list[str]:
@@ -75,6 +104,8 @@ class Backbone(NamedTuple):
   aux: Any
   # `(table, users, items=None) -> scores`, pure (jit/grad-able).
   score: Callable
+  # A hash of the trained params: what a brick or combination was made from.
+  fingerprint: str
 
   @classmethod
   def build(cls, model: models.Model, params, aux) -> "Backbone":
@@ -90,7 +121,7 @@ class Backbone(NamedTuple):
         held[i] = x
       p, a = jax.tree.unflatten(treedef, held)
       return model.score(model.with_user_table(p, table), a, users, items)
-    return cls(model, params, aux, score)
+    return cls(model, params, aux, score, params_fingerprint(params))
 
   def table(self) -> jax.Array:
     return self.model.user_table(self.params)
@@ -100,6 +131,62 @@ class Backbone(NamedTuple):
     score = jax.jit(self.score)
     table = jnp.asarray(table)
     return lambda users: score(table, users)
+
+
+def params_fingerprint(params) -> str:
+  """A short hash of a pytree's array values, shapes and dtypes."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    x = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{x.dtype}{x.shape}".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()[:16]
+
+
+# Writer locks held by this process: resolved workdir -> [file descriptor, depth].
+_HELD: dict[str, list] = {}
+
+
+@contextlib.contextmanager
+def writer_lock(path: os.PathLike):
+  """The exclusive right to write the workdir at `path`.
+
+  A second writing process is refused with the holder's pid, so two commands
+  never interleave their checkpoints and config.json. The lock is re-entrant
+  within a process, and the OS drops it when the holder dies (`flock`), so a
+  killed run leaves no stale lock. Readers take no lock: every write is an
+  atomic rename, so they see the old state or the new one.
+  """
+  path = pathlib.Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _HELD:
+      _HELD[key][1] += 1
+      try:
+        yield
+      finally:
+        _HELD[key][1] -= 1
+      return
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise LegoError(f"cannot write to workdir {path}: {e.strerror or e}") from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+      raise LegoError(f"workdir {path} is being written by another lego-jax process "
+                      f"(pid {holder}); wait for it to finish, or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD[key] = [fd, 1]
+    try:
+      yield
+    finally:
+      del _HELD[key]
+  finally:
+    os.close(fd)   # closing the descriptor releases the flock
 
 
 class Workdir:
@@ -119,8 +206,8 @@ class Workdir:
       if diffs:
         raise LegoError(f"workdir {path} was built with another config; differs: {'; '.join(diffs)}"
                         " (use another --workdir)")
-    path.mkdir(parents=True, exist_ok=True)
-    config_lib.save(config, path / "config.json")
+    with writer_lock(path):
+      config_lib.save(config, path / "config.json")
     return cls(path, config)
 
   @classmethod
@@ -170,8 +257,27 @@ class Workdir:
     return (np.stack([attrs[a].codes for a in names]).astype(np.int32),
             [attrs[a].num_classes for a in names])
 
-  def backbone(self, progress: bool = True) -> Backbone:
-    """The trained backbone: trains it (or resumes training) where not finished."""
+  def writing(self):
+    """A context in which this process alone writes the workdir (see `writer_lock`)."""
+    return writer_lock(self.path)
+
+  def train(self, progress: bool = True) -> Backbone:
+    """Trains the backbone, or resumes its interrupted training; returns it."""
+    with self.writing():
+      return self._load_backbone(progress)
+
+  def backbone(self, progress: bool = False) -> Backbone:
+    """The trained backbone. Nothing is trained here: where training has not
+    finished, a LegoError says which command does it."""
+    if not hasattr(self, "_backbone"):
+      d = self.path / "backbone"
+      if not (checkpoint.exists(d) and checkpoint.metadata(d).get("done")):
+        raise LegoError(f"workdir {self.path} has no trained backbone (training not run or "
+                        f"interrupted); run `lego-jax train --workdir {self.path}`")
+      self._load_backbone(progress)
+    return self._backbone
+
+  def _load_backbone(self, progress: bool) -> Backbone:
     if not hasattr(self, "_backbone"):
       cfg = self.config
       model = models.get(cfg["model"]["name"], cfg["model"], cfg["train"])

@@ -26,7 +26,7 @@ def tiny_config(*extra):
 def trained_workdir(tmp_path_factory) -> pathlib.Path:
   """A workdir with a finished backbone; copy it (`fresh_workdir`) before changing it."""
   path = tmp_path_factory.mktemp("wd") / "run"
-  Workdir.create(path, tiny_config()).backbone(progress=False)
+  Workdir.create(path, tiny_config()).train(progress=False)
   return path
 
 

@@ -9,6 +9,7 @@ resumed by the next call that asks for the same attributes and settings.
 """
 
 import datetime
+import functools
 import shutil
 import zlib
 from typing import Optional
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from lego_jax import checkpoint
 from lego_jax.errors import LegoError, unknown
 from lego_jax.unlearning import calibration, combination, preservation
-from lego_jax.workdir import Workdir
+from lego_jax.workdir import Workdir, child
 
 IN_PROGRESS = ".in-progress"
 # Fields of `unlearn` that change what a brick is. They are stored in each
@@ -36,6 +37,15 @@ BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "
 def attribute_key(seed: int, name: str) -> jax.Array:
   """A brick's key depends on the seed and its attribute only, not on its batch-mates."""
   return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
+
+
+def _writes(method):
+  """Runs an Unlearner method under the workdir's writer lock."""
+  @functools.wraps(method)
+  def run(self, *args, **kwargs):
+    with self.wd.writing():
+      return method(self, *args, **kwargs)
+  return run
 
 
 def _now() -> str:
@@ -63,9 +73,22 @@ class Unlearner:
     return self.wd.path / "bricks"
 
   def _identity(self) -> dict:
-    bb = self.wd.backbone(progress=self.progress)
+    """What a brick or combination is made from: the trained backbone itself (a
+    hash of its params, so a brick copied from a workdir trained otherwise is
+    refused), its split and shape."""
+    bb = self.wd.backbone()
     return {"split": self.wd.split.fingerprint, "backbone": bb.model.name,
-            "shape": list(bb.table().shape)}
+            "backbone_fingerprint": bb.fingerprint, "shape": list(bb.table().shape)}
+
+  def _foreign(self, meta: dict) -> list[str]:
+    """How a brick's identity differs from this workdir's (empty when it matches)."""
+    return [f"{k}: brick has {meta.get(k)!r}, workdir has {v!r}"
+            for k, v in self._identity().items() if meta.get(k) != v]
+
+  def brick_dir(self, name: str):
+    """The folder of attribute `name`'s brick. Attribute names come from data
+    files, so they are mapped to safe folder names (`workdir.safe_name`)."""
+    return child(self.bricks_dir, name)
 
   def brick_meta(self) -> dict[str, dict]:
     """Metadata of every finished brick, by attribute."""
@@ -73,17 +96,19 @@ class Unlearner:
     if self.bricks_dir.is_dir():
       for d in sorted(self.bricks_dir.iterdir()):
         if not d.name.startswith(".") and checkpoint.exists(d):
-          out[d.name] = checkpoint.metadata(d)
+          meta = checkpoint.metadata(d)
+          out[meta.get("attribute", d.name)] = meta
     return out
 
   def _load_brick(self, name: str) -> np.ndarray:
-    tree, meta = checkpoint.restore(self.bricks_dir / name)
-    ident = self._identity()
-    diffs = [f"{k}: brick has {meta.get(k)!r}, workdir has {v!r}" for k, v in ident.items()
-             if meta.get(k) != v]
+    d = self.brick_dir(name)
+    tree, meta = checkpoint.restore(d)
+    diffs = self._foreign(meta)
     if diffs:
-      raise LegoError(f"brick {self.bricks_dir / name} was made from another model or data; "
-                      f"differs: {'; '.join(diffs)}")
+      raise LegoError(f"brick {d} was made from another model or data; differs: "
+                      f"{'; '.join(diffs)} (`lego-jax unlearn` recalibrates it)")
+    if "delta" not in tree:
+      raise LegoError(f"checkpoint {d} is not a brick (no delta array)")
     return tree["delta"]
 
   def active(self) -> list[str]:
@@ -92,7 +117,7 @@ class Unlearner:
 
   def status(self) -> dict:
     return {"active": self.active(),
-            "bricks": {a: {"created": m["created"], "steps": m["steps"]}
+            "bricks": {a: {"created": m.get("created"), "steps": m.get("steps")}
                        for a, m in self.brick_meta().items()}}
 
   # ---- calibration -------------------------------------------------------
@@ -131,6 +156,7 @@ class Unlearner:
         raise unknown("attribute (in unlearn.per_attribute)", n, valid)
     return list(dict.fromkeys(names))
 
+  @_writes
   def calibrate(self, names, force: bool = False) -> list[str]:
     """Calibrates the named attributes that have no brick yet (all of them with `force`)."""
     names = self._checked(names)
@@ -170,7 +196,7 @@ class Unlearner:
       tree = {"delta": bricks[k]}
       if spec.calibrator == "residual":
         tree["map"] = jax.tree.map(lambda x: np.asarray(x[k]), state.params)
-      checkpoint.save(self.bricks_dir / name, tree, meta)
+      checkpoint.save(self.brick_dir(name), tree, meta)
     shutil.rmtree(self.bricks_dir / IN_PROGRESS, ignore_errors=True)
     return todo
 
@@ -185,6 +211,7 @@ class Unlearner:
     return checkpoint.unflatten(template, tree)
 
   # ---- combination -------------------------------------------------------
+  @_writes
   def combine(self, active) -> np.ndarray:
     """Combines the bricks of `active` (all stored bricks stacked, the rest masked)."""
     active = list(dict.fromkeys(active))
@@ -221,10 +248,13 @@ class Unlearner:
             **self.cfg.get("per_attribute", {}).get(name, {})}
 
   def stale(self, meta: Optional[dict] = None) -> list[str]:
-    """Bricks calibrated under other `unlearn` settings than the current ones."""
+    """Bricks calibrated under other `unlearn` settings than the current ones, or
+    from another backbone."""
     meta = self.brick_meta() if meta is None else meta
-    return [n for n, m in meta.items() if m.get("settings") != self.brick_settings(n)]
+    return [n for n, m in meta.items()
+            if m.get("settings") != self.brick_settings(n) or self._foreign(m)]
 
+  @_writes
   def unlearn(self, names) -> np.ndarray:
     """Calibrates what is missing or stale of `names`, then combines exactly `names`.
 
@@ -240,6 +270,7 @@ class Unlearner:
       self.calibrate(redo, force=True)
     return self.combine(names)
 
+  @_writes
   def add(self, name: str) -> np.ndarray:
     active = self.active()
     if name in active:
@@ -247,6 +278,7 @@ class Unlearner:
     self.calibrate([name])
     return self.combine(active + [name])
 
+  @_writes
   def withdraw(self, name: str) -> np.ndarray:
     active = self.active()
     if name not in active:
