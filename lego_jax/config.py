@@ -81,10 +81,12 @@ DEFAULTS: dict[str, Any] = {
         # needs: without it the minibatch noise of the MI estimate drifts every
         # row, and three bricks' drifts add up (README, "Utility").
         "l2": 10.0,
-        # Class-stratified minibatch; 0 = every user. Keep it to about a sixth
-        # of the users (1024 of ML-1M's 6040): steps that see every user
-        # overshoot below chance (README, "ML-100K").
-        "batch_users": 1024,
+        # Class-stratified minibatch: `batch_users` users where > 0, else
+        # `batch_fraction` of them. Steps that see every user overshoot below
+        # chance; a sixth of the users worked on 943 and 6040 users alike
+        # (docs/findings.md, "ML-100K").
+        "batch_users": 0,
+        "batch_fraction": 0.17,
         "topk": 20,
         "guard": 30,              # items after the top-T held below it by the same hinge
         "margin": 0.05,
@@ -103,6 +105,18 @@ DEFAULTS: dict[str, Any] = {
         "features": 512,          # random features per bandwidth (estimator = features)
         "null_perms": 1,          # label permutations averaged for the null level
         "ckpt_every": 50,         # steps between checkpoints of a calibration in progress
+        # The closed loop (lego_jax/unlearning/control.py): after calibration,
+        # and again after combination, a gain per attribute sets how far its
+        # move goes, read from cross-fitted probes, so that every probe lands
+        # within `target_leakage` of chance (both directions) while validation
+        # NDCG@10 keeps `min_retention` of the original.
+        "control": "probe",       # probe | none
+        "target_leakage": 0.01,   # |BAcc - chance| the loop aims for, per attribute and probe
+        "min_retention": 0.95,    # utility floor: validation NDCG@10 after / before
+        "probes": ["linear", "mlp"],  # steering attackers (the `attack` settings)
+        "probe_folds": 3,
+        "control_rounds": 6,      # probe readings per loop (each trains the probes once)
+        "max_gain": 4.0,          # how far a move that stopped short may be extended
         # Per-attribute values of the weights above, keyed by attribute name,
         # e.g. `--set unlearn.per_attribute.age.lam_rank=100`.
         "per_attribute": {},

@@ -132,16 +132,19 @@ def _check(embeddings, labels, num_classes, names, attacker, protocol):
   if protocol not in PROTOCOLS:
     raise unknown("attack protocol", protocol, PROTOCOLS)
   x = np.asarray(embeddings, dtype=np.float32)
-  if x.ndim != 2:
-    raise LegoError(f"attack: embeddings must be (users, dim), got shape {x.shape}")
+  if x.ndim not in (2, 3):
+    raise LegoError(f"attack: embeddings must be (users, dim) or (attributes, users, dim), "
+                    f"got shape {x.shape}")
   if not np.all(np.isfinite(x)):
     raise LegoError("attack: embeddings contain NaN or inf")
   y = np.asarray(labels)
   if y.ndim == 1:
     y = y[None]
-  if y.ndim != 2 or y.shape[1] != x.shape[0]:
-    raise LegoError(f"attack: labels must be (attributes, {x.shape[0]} users), "
-                    f"got shape {y.shape}")
+  n = x.shape[-2]
+  if y.ndim != 2 or y.shape[1] != n:
+    raise LegoError(f"attack: labels must be (attributes, {n} users), got shape {y.shape}")
+  if x.ndim == 3 and x.shape[0] != y.shape[0]:
+    raise LegoError(f"attack: {x.shape[0]} tables for {y.shape[0]} attributes")
   num_classes = [int(c) for c in num_classes]
   if len(num_classes) != y.shape[0]:
     raise LegoError(f"attack: {y.shape[0]} label rows but {len(num_classes)} class counts")
@@ -302,10 +305,11 @@ def train_and_predict(x, train_idx, train_y, train_w, val_w, test_idx, class_mas
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(attacker: str, hidden: int, vmapped: bool):
+def _compiled(attacker: str, hidden: int, vmapped: bool, per_task_table: bool = False):
   fn = functools.partial(train_and_predict, attacker=attacker, hidden=hidden)
   if vmapped:
-    fn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0, 0, None, None, None))
+    x_axis = 0 if per_task_table else None
+    fn = jax.vmap(fn, in_axes=(x_axis, 0, 0, 0, 0, 0, 0, 0, None, None, None))
   return jax.jit(fn)
 
 
@@ -320,9 +324,15 @@ def _hyper(cfg: dict):
 
 
 def predict_vmapped(x, tasks: Tasks, seed: int, cfg: dict, attacker: str):
-  """Probabilities (T, Nte, Cmax) of every task in one compiled call."""
-  fn = _compiled(attacker, int(cfg["hidden"]), True)
-  return fn(jnp.asarray(x), tasks.train_idx, tasks.train_y, tasks.train_w,
+  """Probabilities (T, Nte, Cmax) of every task in one compiled call.
+
+  `x` is one table (n, D), or one per attribute (K, n, D): task t then reads
+  table `tasks.attr[t]`.
+  """
+  per_task = np.ndim(x) == 3
+  fn = _compiled(attacker, int(cfg["hidden"]), True, per_task)
+  x = jnp.asarray(x)[jnp.asarray(tasks.attr)] if per_task else jnp.asarray(x)
+  return fn(x, tasks.train_idx, tasks.train_y, tasks.train_w,
             tasks.val_w, tasks.test_idx, tasks.class_mask, _keys(seed, tasks.fold),
             *_hyper(cfg))
 
@@ -339,7 +349,8 @@ def predict_looped(x, per_task: list, cmax: int, seed: int, cfg: dict,
   for k in sorted({t[0] for t in per_task}):
     tasks = _stack([t for t in per_task if t[0] == k], cmax)
     keys = _keys(seed, tasks.fold)
-    probs = [fn(x, tasks.train_idx[i], tasks.train_y[i], tasks.train_w[i],
+    xk = x[k] if x.ndim == 3 else x
+    probs = [fn(xk, tasks.train_idx[i], tasks.train_y[i], tasks.train_w[i],
                 tasks.val_w[i], tasks.test_idx[i], tasks.class_mask[i], keys[i], *hyper)
              for i in range(len(tasks.fold))]
     out.append((tasks, jnp.stack(probs)))
@@ -393,7 +404,8 @@ def attack(embeddings, labels, num_classes: Sequence[int], *, attacker: str = "m
   """Attacks every attribute; returns {name: {"bacc", "macro_f1", "auc",
   "chance", "leakage", "ci95", "n", "folds"}} with plain Python numbers.
 
-  embeddings: (n, D); labels: (K, n) ints, -1 = missing; num_classes: K ints;
+  embeddings: (n, D), or (K, n, D) to attack attribute k in table k;
+  labels: (K, n) ints, -1 = missing; num_classes: K ints;
   config: fields of config["attack"] (missing ones from the defaults).
   Metrics are means over folds (cv5) or splits (paper); ci95 is a t-interval
   of BAcc over them; leakage = |mean BAcc - chance|, chance = 1/(number of

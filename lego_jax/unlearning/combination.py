@@ -88,9 +88,11 @@ def coefficients(w, active, mode: str) -> jax.Array:
   return w * active[:, None]
 
 
-def combine(w, e0, bricks, active, mode: str) -> jax.Array:
-  """E* = E0 + sum_k coef_k * D_k; bricks (K, n, D)."""
+def combine(w, e0, bricks, active, mode: str, gains=None) -> jax.Array:
+  """E* = E0 + sum_k gain_k coef_k * D_k; bricks (K, n, D), gains (K,) (default 1)."""
   coef = coefficients(w, active, mode)
+  if gains is not None:
+    coef = coef * gains[:, None]
   coef = jnp.broadcast_to(coef, (coef.shape[0], bricks.shape[-1]))
   return e0 + jnp.einsum("kd,knd->nd", coef, bricks, precision=jax.lax.Precision.HIGHEST)
 

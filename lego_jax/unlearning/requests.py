@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from lego_jax import checkpoint
 from lego_jax.errors import LegoError, unknown
-from lego_jax.unlearning import calibration, combination, preservation
+from lego_jax.evaluation import ranking
+from lego_jax.unlearning import calibration, combination, control, preservation
 from lego_jax.workdir import Workdir, child
 
 IN_PROGRESS = ".in-progress"
@@ -30,8 +31,10 @@ IN_PROGRESS = ".in-progress"
 # one made under other values (as does `calibrate(..., force=True)`), and an
 # interrupted calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
-                "topk", "guard", "margin", "stop", "bandwidths", "linear_kernel", "linear_scope",
-                "centre", "estimator", "features", "hinge", "null_perms")
+                "batch_fraction", "topk", "guard", "margin", "stop", "bandwidths", "linear_kernel",
+                "linear_scope", "centre", "estimator", "features", "hinge", "null_perms",
+                "control", "target_leakage", "probes", "probe_folds", "control_rounds", "max_gain")
+CONTROLS = ("probe", "none")
 
 
 def attribute_key(seed: int, name: str) -> jax.Array:
@@ -109,16 +112,25 @@ class Unlearner:
                       f"{'; '.join(diffs)} (`lego-jax unlearn` recalibrates it)")
     if "delta" not in tree:
       raise LegoError(f"checkpoint {d} is not a brick (no delta array)")
-    return tree["delta"]
+    # The stored delta is the calibration's; the control loop's gain scales it.
+    return tree["delta"] * np.float32(meta.get("gain", 1.0))
 
   def active(self) -> list[str]:
     d = self.wd.path / "combination"
     return checkpoint.metadata(d)["active"] if checkpoint.exists(d) else []
 
   def status(self) -> dict:
-    return {"active": self.active(),
-            "bricks": {a: {"created": m.get("created"), "steps": m.get("steps")}
-                       for a, m in self.brick_meta().items()}}
+    """Active set and bricks, with the leakage the control loop last measured."""
+    out = {"active": self.active(),
+           "bricks": {a: {"created": m.get("created"), "steps": m.get("steps"),
+                          "gain": m.get("gain", 1.0), "leakage": m.get("leakage")}
+                      for a, m in self.brick_meta().items()}}
+    d = self.wd.path / "combination"
+    if checkpoint.exists(d):
+      meta = checkpoint.metadata(d)
+      out["combination"] = {k: meta.get(k) for k in ("gains", "leakage", "retention_valid",
+                                                       "within_target", "warnings")}
+    return out
 
   # ---- calibration -------------------------------------------------------
   def num_classes(self) -> int:
@@ -126,8 +138,92 @@ class Unlearner:
     and result do not depend on which attributes it was calibrated with."""
     return max(self.wd.labels(self.wd.attribute_names())[1])
 
+  def batch_users(self) -> int:
+    """The minibatch: `unlearn.batch_users` where set, else a fraction of the users.
+
+    A fraction, not a count: steps that see every user overshoot below chance,
+    and a sixth of the users worked on 943 and on 6040 users alike
+    (docs/findings.md).
+    """
+    n = self.wd.split.n_users
+    if self.cfg["batch_users"] > 0:
+      return min(int(self.cfg["batch_users"]), n)
+    return min(n, max(32, round(n * float(self.cfg["batch_fraction"]))))
+
   def spec(self) -> calibration.Spec:
-    return calibration.Spec.from_config(self.cfg, self.num_classes(), chunk=self.cfg["ckpt_every"])
+    cfg = {**self.cfg, "batch_users": self.batch_users()}
+    return calibration.Spec.from_config(cfg, self.num_classes(), chunk=self.cfg["ckpt_every"])
+
+  # ---- the closed loop ---------------------------------------------------
+  def _read(self, tables, names) -> control.Reading:
+    """The steering probes on `tables` (see `control.read`). Their folds come
+    from a seed of their own, so the evaluation's attack is not the one steered."""
+    labels, num_classes = self.wd.labels(names)
+    cfg = {**self.wd.config["attack"], "folds": int(self.cfg["probe_folds"])}
+    seed = int(attribute_key(self.wd.config["seed"], "control")[-1]) % (2 ** 31)
+    return control.read(tables, labels, num_classes, probes=self.cfg["probes"], seed=seed,
+                        config=cfg, names=names)
+
+  def _solve(self, read_fn, k: int, independent: bool):
+    return control.solve(read_fn, k, tol=float(self.cfg["target_leakage"]),
+                         max_gain=float(self.cfg["max_gain"]),
+                         rounds=int(self.cfg["control_rounds"]), independent=independent)
+
+  def _control_bricks(self, names, bricks: np.ndarray) -> tuple[np.ndarray, Optional[dict]]:
+    """Gains (K,) taking each brick alone to chance, and what the probes read there."""
+    if self.cfg["control"] == "none":
+      return np.ones(len(names)), None
+    e0 = np.asarray(self.target().e0)
+    gains, history = self._solve(
+        lambda g: self._read(e0[None] + g[:, None, None] * bricks, names), len(names), True)
+    return gains, control.reading_at(history, gains, True).report(names)
+
+  def _valid_ndcg(self, table) -> float:
+    bb = self.wd.backbone()
+    return ranking.evaluate(bb.ranking_fn(table), self.wd.split, stage="valid", ks=(10,),
+                            batch_users=self.wd.config["eval"]["batch_users"])["ndcg@10"]
+
+  def _control_combination(self, active, table_at) -> tuple[np.ndarray, dict]:
+    """Gains on the active bricks' coefficients so that every active attribute
+    reads within the target on the combined table, above the utility floor.
+
+    Where both cannot hold, the best table that keeps the floor is kept and
+    the report says which attribute is left, how far, at what retention.
+    """
+    k = len(active)
+    tol, floor = float(self.cfg["target_leakage"]), float(self.cfg["min_retention"])
+    if self.cfg["control"] == "none" or not k:
+      return np.ones(k), {}
+    gains, history = self._solve(lambda g: self._read(table_at(g), active), k, False)
+    original = self._valid_ndcg(np.asarray(self.target().e0))
+    retention = lambda g: self._valid_ndcg(table_at(g)) / original if original else 1.0
+    ret = retention(gains)
+    warnings = []
+    if ret < floor:   # the best step that keeps the floor, in order of leakage
+      tried = {tuple(gains): ret}
+      for step in sorted(history, key=lambda s: s.reading.worst().max())[:4]:
+        key = tuple(step.gains)
+        if key not in tried:
+          tried[key] = retention(step.gains)
+        if tried[key] >= floor:
+          break
+      ok = [g for g in tried if tried[g] >= floor]
+      worst = lambda g: control.reading_at(history, np.asarray(g), False).worst().max()
+      chosen = min(ok, key=worst) if ok else max(tried, key=tried.get)
+      gains, ret = np.asarray(chosen), tried[chosen]
+      warnings.append(f"the utility floor (validation NDCG@10 retention {floor:.2f}) was binding: "
+                      f"kept the table at retention {ret:.3f}")
+    reading = control.reading_at(history, gains, False)
+    for a, name in enumerate(active):
+      if reading.worst()[a] > tol:
+        p = int(np.argmax(np.abs(reading.signed[:, a])))
+        warnings.append(f"{name}: {reading.probes[p]} probe reads {reading.signed[p, a]:+.3f} "
+                        f"(95% interval {reading.lo[p, a]:+.3f}..{reading.hi[p, a]:+.3f}), "
+                        f"target within {tol:.3f} of chance, at retention {ret:.3f}")
+    return gains, {"gains": dict(zip(active, map(float, gains))),
+                   "leakage": reading.report(active), "retention_valid": float(ret),
+                   "within_target": not warnings, "warnings": warnings,
+                   "control_steps": len(history)}
 
   def target(self) -> calibration.Target:
     """E0, each user's original top-(T + guard) list and the score scale (computed once)."""
@@ -188,9 +284,11 @@ class Unlearner:
                                                  on_chunk=on_chunk)
     bar.close()
     bricks = np.asarray(bricks)
+    gains, leakage = self._control_bricks(todo, bricks)
     for k, name in enumerate(todo):
       meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
-              "settings": self.brick_settings(name),
+              "settings": self.brick_settings(name), "gain": float(gains[k]),
+              "leakage": None if leakage is None else leakage[name],
               "final_mi": float(trace.mi[k, -1, 0]), "final_null": float(trace.null[k, -1, 0]),
               "final_rank": float(trace.rank[k, -1]), **self._identity()}
       tree = {"delta": bricks[k]}
@@ -220,8 +318,9 @@ class Unlearner:
     if missing:
       raise LegoError(f"no brick for {', '.join(missing)}; calibrate first "
                       f"(stored: {', '.join(stored) or 'none'})")
-    bb = self.wd.backbone(progress=False)
+    bb = self.wd.backbone()
     e0 = bb.table()
+    report = {}
     if not active:
       table, weights, names = np.asarray(e0), np.zeros((0, 1), np.float32), []
     else:
@@ -230,15 +329,23 @@ class Unlearner:
       labels, _ = self.wd.labels(order)
       mask = jnp.asarray([a in active for a in order], jnp.float32)
       ccfg = self.wd.config["combine"]
-      spec = combination.Spec.from_config(ccfg, self.cfg, self.num_classes())
+      spec = combination.Spec.from_config(ccfg, {**self.cfg, "batch_users": self.batch_users()},
+                                          self.num_classes())
       key = jax.random.fold_in(jax.random.PRNGKey(self.wd.config["seed"]), 1)
-      w, table, _ = combination.fit(self.target(), bricks, jnp.asarray(labels), mask, key,
-                                    combination.HParams.from_config(ccfg), spec=spec,
-                                    score_fn=bb.score)
-      table, weights, names = np.asarray(table), np.asarray(w), order
+      w, _, _ = combination.fit(self.target(), bricks, jnp.asarray(labels), mask, key,
+                                combination.HParams.from_config(ccfg), spec=spec, score_fn=bb.score)
+      index = np.asarray([order.index(a) for a in active])
+
+      def table_at(g):
+        gains = np.ones(len(order), np.float32)
+        gains[index] = g
+        return np.asarray(combination.combine(w, e0, bricks, mask, spec.mode, jnp.asarray(gains)))
+
+      g, report = self._control_combination(active, table_at)
+      table, weights, names = table_at(g), np.asarray(w), order
     checkpoint.save(self.wd.path / "combination", {"table": table, "weights": weights},
                     {"active": active, "bricks": names, "mode": self.wd.config["combine"]["mode"],
-                     "created": _now(), **self._identity()})
+                     "created": _now(), **report, **self._identity()})
     return table
 
   # ---- requests ----------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Independent judges of an exported table: attackers lego-jax never steers with.
+
+  python benchmarks/judge.py FILE.npz [FILE.npz ...] [--seed 1] [--json]
+
+FILE is what `lego-jax export` writes (embeddings, attr_<name> codes). Per
+attribute, classes are balanced by down-sampling (seeded) and each judge is
+trained from scratch in stratified 5-fold cross-validation: scikit-learn's
+gradient-boosted trees (HistGradientBoostingClassifier), an MLP of another
+size than lego-jax's (256-128, early stopping), logistic regression and a
+25-nearest-neighbour vote. None of them is a model family or a fold split
+that lego-jax's control loop uses. Reported: signed leakage BAcc - chance
+with a 95% t-interval over the folds; positive = the attribute is still
+there, negative = an overshoot below chance.
+
+Needs scikit-learn (`pip install scikit-learn`), which lego-jax itself does
+not depend on.
+"""
+
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+
+JUDGES = ("gbdt", "mlp256", "logreg", "knn25")
+
+
+def _make(name: str, seed: int):
+  from sklearn.ensemble import HistGradientBoostingClassifier
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.neighbors import KNeighborsClassifier
+  from sklearn.neural_network import MLPClassifier
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+  if name == "gbdt":
+    return HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=seed)
+  if name == "mlp256":
+    return make_pipeline(StandardScaler(), MLPClassifier((256, 128), alpha=1e-3, max_iter=200,
+                                                        early_stopping=True, random_state=seed))
+  if name == "logreg":
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+  return make_pipeline(StandardScaler(), KNeighborsClassifier(25))
+
+
+def judge(x: np.ndarray, codes: np.ndarray, judges=JUDGES, seed: int = 1) -> dict:
+  """{judge: {"signed", "ci95", "bacc", "chance"}} for one attribute's codes (-1 = missing)."""
+  from sklearn.metrics import balanced_accuracy_score
+  from sklearn.model_selection import StratifiedKFold
+  rng = np.random.default_rng(seed)
+  present = np.unique(codes[codes >= 0])
+  m = min(int((codes == c).sum()) for c in present)
+  idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(codes == c), m, replace=False)
+                                for c in present]))
+  xs, ys = x[idx], codes[idx]
+  chance = 1.0 / len(present)
+  out = {}
+  for name in judges:
+    scores = []
+    for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(xs, ys):
+      model = _make(name, seed).fit(xs[tr], ys[tr])
+      scores.append(balanced_accuracy_score(ys[te], model.predict(xs[te])))
+    s = np.asarray(scores) - chance
+    half = 2.776 * s.std(ddof=1) / math.sqrt(len(s))   # t_{0.975, 4}
+    out[name] = {"signed": float(s.mean()), "ci95": [float(s.mean() - half), float(s.mean() + half)],
+                 "bacc": float(np.mean(scores)), "chance": chance, "n": int(len(idx))}
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("files", nargs="+")
+  ap.add_argument("--seed", type=int, default=1)
+  ap.add_argument("--judges", default=",".join(JUDGES))
+  ap.add_argument("--json", action="store_true")
+  args = ap.parse_args()
+  judges = [j for j in args.judges.split(",") if j]
+  unknown = [j for j in judges if j not in JUDGES]
+  if unknown:
+    sys.exit(f"judge.py: unknown judge {unknown[0]!r}; valid: {', '.join(JUDGES)}")
+  results = {}
+  for f in args.files:
+    z = np.load(f)
+    x = z["embeddings"].astype(np.float64)
+    names = [k[5:] for k in z.files if k.startswith("attr_") and not k.endswith("_classes")]
+    results[f] = {a: judge(x, z[f"attr_{a}"], judges, args.seed) for a in names}
+  print(json.dumps(results))
+  if not args.json:
+    print()
+    print("| file | attribute | " + " | ".join(judges) + " | max |")
+    print("|---|---|" + "---|" * (len(judges) + 1))
+    for f, res in results.items():
+      for a, r in res.items():
+        cells = [f"{r[j]['signed']:+.3f} [{r[j]['ci95'][0]:+.3f}, {r[j]['ci95'][1]:+.3f}]"
+                 for j in judges]
+        worst = max(abs(r[j]["signed"]) for j in judges)
+        print(f"| {f} | {a} | " + " | ".join(cells) + f" | {worst:.3f} |")
+
+
+if __name__ == "__main__":
+  main()
