@@ -113,6 +113,7 @@ class Workdir:
   def create(cls, path: os.PathLike, config: dict) -> "Workdir":
     """A new workdir, or an existing one if its identity fields match `config`."""
     path = pathlib.Path(path)
+    config_lib.validate(config)  # before anything is written: a refused config leaves no trace
     if (path / "config.json").is_file():
       old = config_lib.load(path / "config.json")
       diffs = [d for f in IDENTITY for d in _diff(_identity(old, f), _identity(config, f), f)]
