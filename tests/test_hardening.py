@@ -1,11 +1,13 @@
 """Bad input is refused as one LegoError naming the file, line or config field."""
 
 import json
+import pathlib
 import re
 
 import pytest
 
 from lego_jax import cli, config as config_lib
+from lego_jax.data import load_dataset
 from lego_jax.errors import LegoError
 from lego_jax.workdir import Workdir
 
@@ -126,3 +128,130 @@ def test_a_refused_unlearn_leaves_the_workdir_config_unchanged(capsys, fresh_wor
   with pytest.raises(LegoError, match="combine.mode"):
     Workdir.open(fresh_workdir, ['combine.mode="xyz"'])
   assert (fresh_workdir / "config.json").read_text() == before
+
+
+# --- input files ---------------------------------------------------------------
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+BOM = b"\xef\xbb\xbf"
+
+
+def copy_fixture(name: str, dest: pathlib.Path, bom: bool = False) -> pathlib.Path:
+  """A fixture folder under its conventional file names, optionally each file with a BOM."""
+  dest.mkdir(parents=True)
+  for f in (FIXTURES / name).iterdir():
+    (dest / f.name.removesuffix(".handwritten")).write_bytes((BOM if bom else b"") + f.read_bytes())
+  return dest
+
+
+def summary(ds):
+  return (list(ds.user_ids), list(ds.item_ids), ds.users.tolist(), ds.items.tolist(),
+          {n: (a.classes, a.codes.tolist()) for n, a in ds.attributes.items()}, ds.fingerprint)
+
+
+@pytest.mark.parametrize("fixture", ["ml100k", "ml1m", "recbole", "lightgcn", "lastfm"])
+def test_a_leading_bom_reads_like_no_bom(tmp_path, fixture):
+  plain = load_dataset(copy_fixture(fixture, tmp_path / "plain" / "ds"))
+  marked = load_dataset(copy_fixture(fixture, tmp_path / "bom" / "ds", bom=True))
+  assert not any(u.startswith("\ufeff") for u in marked.user_ids)
+  assert summary(marked) == summary(plain)
+
+
+def test_a_users_tsv_with_a_bom_keeps_its_labels(tmp_path):
+  folder = copy_fixture("recbole", tmp_path / "ds")
+  users = tmp_path / "users.tsv"
+  users.write_bytes(BOM + b"user_id\tgroup\n7\ta\n8\tb\n")
+  ds = load_dataset(folder, users_file=str(users))
+  group = ds.attributes["group"]
+  assert [group.classes[c] if c >= 0 else None for c in group.codes[:2]] == ["a", "b"]
+
+
+def test_a_tab_separator_is_shown_readably(tmp_path):
+  folder = copy_fixture("ml100k", tmp_path / "ds")
+  with open(folder / "u.data", "ab") as f:
+    f.write(b"9\t101\t5\n")
+  with pytest.raises(LegoError, match=r"u\.data:\d+: expected 4 fields separated by '\\t', got 3"):
+    load_dataset(folder)
+
+
+@pytest.mark.parametrize("train,line", [
+    (b"0 10 11\nhello 12\n\x00\x01 13\n", 3),
+    (b"0 10 11\n1 \xff\xfe 12\n", 2),
+    (b"0 10 11\n\n2 10\x07 12\n", 3),
+])
+def test_binary_garbage_in_a_lightgcn_file_names_its_line(tmp_path, train, line):
+  folder = copy_fixture("lightgcn", tmp_path / "ds")
+  (folder / "train.txt").write_bytes(train)
+  with pytest.raises(LegoError, match=rf"train\.txt:{line}: expected `user item item \.\.\.` "
+                                      "lines of text, got binary data"):
+    load_dataset(folder)
+
+
+def test_text_ids_in_a_lightgcn_file_are_kept(tmp_path):
+  folder = copy_fixture("lightgcn", tmp_path / "ds")
+  (folder / "train.txt").write_bytes(b"0 10 11\nhello 12\n")
+  assert "hello" in load_dataset(folder).user_ids
+
+
+@pytest.mark.parametrize("fixture,name,content,message", [
+    ("ml100k", "u.data", b"1\t101\t5\t1\n2\x01\t101\t4\t2\n", r"u\.data:2: user id holds a control"),
+    ("ml1m", "ratings.dat", b"1::201::5::1\n1::2\x0002::5::1\n", r"ratings\.dat:2: item id holds a"),
+    ("recbole", "toy.user", b"user_id:token\tgender:token\n7\tF\n\x1b8\tM\n",
+     r"toy\.user:3: user id holds a control"),
+])
+def test_control_characters_in_an_id_name_the_line(tmp_path, fixture, name, content, message):
+  folder = copy_fixture(fixture, tmp_path / "ds")
+  (folder / name).write_bytes(content)
+  with pytest.raises(LegoError, match=message):
+    load_dataset(folder)
+
+
+def test_a_users_file_that_is_not_a_table_is_quoted_briefly(capsys, tmp_path):
+  folder = copy_fixture("recbole", tmp_path / "ds")
+  secret = tmp_path / "secret.txt"
+  secret.write_text("root:$6$abcdefghijklmnopqrstuvwxyz0123456789:19000:0:99999:7:::\n")
+  err = one_line_error(*run_cli(capsys, "data", "inspect", folder, "--users", secret)[::2])
+  assert f"{secret}:1: expected a header starting with user_id" in err
+  quoted = err.split("got ", 1)[1]
+  assert len(quoted.strip("'.")) <= 20 and "abcdefghijklmnopqrstuvwxyz" not in err
+
+
+def permission_denied(monkeypatch, method: str, where: pathlib.Path):
+  """Path.<method> raises PermissionError under `where` (tests run as root: chmod is no use)."""
+  real = getattr(pathlib.Path, method)
+
+  def denied(self, *a, **kw):
+    if str(self).startswith(str(where)):
+      raise PermissionError(13, "Permission denied", str(self))
+    return real(self, *a, **kw)
+  monkeypatch.setattr(pathlib.Path, method, denied)
+
+
+@pytest.mark.parametrize("method", ["is_dir", "is_file", "read_bytes", "glob"])
+def test_an_unreadable_folder_or_file_is_named(capsys, monkeypatch, tmp_path, method):
+  folder = copy_fixture("recbole", tmp_path / "ds")
+  permission_denied(monkeypatch, method, folder)
+  err = one_line_error(*run_cli(capsys, "data", "inspect", folder)[::2])
+  assert str(folder) in err and ("Permission denied" in err or "cannot read" in err)
+
+
+def test_an_unreadable_lightgcn_users_file_is_named(capsys, monkeypatch, tmp_path):
+  folder = copy_fixture("lightgcn", tmp_path / "ds")
+  real = open
+
+  def denied(path, *a, **kw):
+    if str(path).endswith("users.tsv"):
+      raise PermissionError(13, "Permission denied", str(path))
+    return real(path, *a, **kw)
+  monkeypatch.setattr("builtins.open", denied)
+  err = one_line_error(*run_cli(capsys, "data", "inspect", folder)[::2])
+  assert f"{folder / 'users.tsv'}: cannot read: Permission denied" in err
+
+
+def test_a_named_users_file_that_cannot_be_read_is_named(capsys, monkeypatch, tmp_path):
+  folder = copy_fixture("recbole", tmp_path / "ds")
+  users = tmp_path / "users.tsv"
+  users.write_text("user_id\tgroup\n7\ta\n")
+  permission_denied(monkeypatch, "is_file", users)
+  err = one_line_error(*run_cli(capsys, "data", "inspect", folder, "--users", users)[::2])
+  assert str(users) in err and "Permission denied" in err
