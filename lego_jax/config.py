@@ -435,8 +435,11 @@ def save(config: dict, path: os.PathLike) -> None:
   """Writes the config as JSON, atomically."""
   path = pathlib.Path(path)
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+  except OSError as e:  # a read-only workdir, a full disk
+    raise LegoError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def load(path: os.PathLike) -> dict:

@@ -4,12 +4,13 @@ import json
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 from lego_jax import cli, config as config_lib
 from lego_jax.data import load_dataset
 from lego_jax.errors import LegoError
-from lego_jax.workdir import Workdir
+from lego_jax.workdir import Workdir, write_json
 
 
 def run_cli(capsys, *argv):
@@ -219,9 +220,11 @@ def test_a_users_file_that_is_not_a_table_is_quoted_briefly(capsys, tmp_path):
 def permission_denied(monkeypatch, method: str, where: pathlib.Path):
   """Path.<method> raises PermissionError under `where` (tests run as root: chmod is no use)."""
   real = getattr(pathlib.Path, method)
+  real_is_dir = pathlib.Path.is_dir
 
   def denied(self, *a, **kw):
-    if str(self).startswith(str(where)):
+    # mkdir of an existing folder is EEXIST, not EACCES, even in a read-only parent.
+    if str(self).startswith(str(where)) and not (method == "mkdir" and real_is_dir(self)):
       raise PermissionError(13, "Permission denied", str(self))
     return real(self, *a, **kw)
   monkeypatch.setattr(pathlib.Path, method, denied)
@@ -255,3 +258,108 @@ def test_a_named_users_file_that_cannot_be_read_is_named(capsys, monkeypatch, tm
   permission_denied(monkeypatch, "is_file", users)
   err = one_line_error(*run_cli(capsys, "data", "inspect", folder, "--users", users)[::2])
   assert str(users) in err and "Permission denied" in err
+
+
+# --- workdirs and commands -------------------------------------------------------
+
+
+def tiny_recbole(folder: pathlib.Path, users_header: str = None) -> pathlib.Path:
+  """40 users x 30 items, 8 interactions each; a `.user` with only a header where asked."""
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  lines = ["user_id:token\titem_id:token"]
+  for u in range(40):
+    lines += [f"u{u}\ti{i}" for i in rng.choice(30, 8, replace=False)]
+  (folder / f"{folder.name}.inter").write_text("\n".join(lines) + "\n")
+  if users_header is not None:
+    (folder / f"{folder.name}.user").write_text(users_header + "\n")
+  return folder
+
+
+def train_tiny(capsys, folder, wd):
+  code, _, err = run_cli(capsys, "train", "--workdir", wd, "--set", f"data.name={json.dumps(str(folder))}",
+                         "--set", "train.epochs=1", "--set", "model.dim=4",
+                         "--set", "train.batch_size=64", "--set", "eval.batch_users=32")
+  assert code == 0, err
+
+
+def test_attack_without_a_users_file_says_there_are_no_attributes(capsys, tmp_path):
+  wd = tmp_path / "wd"
+  train_tiny(capsys, tiny_recbole(tmp_path / "plain"), wd)
+  err = one_line_error(*run_cli(capsys, "attack", "--workdir", wd)[::2])
+  assert "dataset plain has no user attributes" in err
+  err = one_line_error(*run_cli(capsys, "unlearn", "--workdir", wd)[::2])
+  assert "no user attributes" in err
+
+
+def test_attributes_without_labelled_users_are_refused(capsys, tmp_path):
+  wd = tmp_path / "wd"
+  train_tiny(capsys, tiny_recbole(tmp_path / "empty", "user_id:token\tgender:token\tage:token"), wd)
+  for argv in (["unlearn"], ["attack", "--attacker", "linear"]):
+    err = one_line_error(*run_cli(capsys, *argv, "--workdir", wd)[::2])
+    assert ("attributes gender (0 classes, 0 labelled users), age (0 classes, 0 labelled users) "
+            "cannot be attacked or unlearned") in err
+  assert not (wd / "bricks").exists() or not any((wd / "bricks").iterdir())
+
+
+def tree(path: pathlib.Path) -> dict:
+  return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
+def test_a_read_only_workdir_can_be_read_and_refuses_writes(capsys, monkeypatch, fresh_workdir,
+                                                            tmp_path):
+  permission_denied(monkeypatch, "write_text", fresh_workdir)
+  permission_denied(monkeypatch, "mkdir", fresh_workdir)
+  before = tree(fresh_workdir)
+  wd = str(fresh_workdir)
+  assert run_cli(capsys, "evaluate", "--workdir", wd, "--json")[0] == 0
+  assert run_cli(capsys, "attack", "--workdir", wd, "--attacker", "linear", "--json")[0] == 0
+  assert run_cli(capsys, "request", "status", "--workdir", wd, "--json")[0] == 0
+  assert run_cli(capsys, "export", "--workdir", wd, "--out", tmp_path / "e.npz")[0] == 0
+  assert tree(fresh_workdir) == before
+  err = one_line_error(*run_cli(capsys, "unlearn", "--workdir", wd, "--set", "unlearn.lr=0.02")[::2])
+  assert f"cannot write {fresh_workdir / 'config.json'}: Permission denied" in err
+  with pytest.raises(LegoError, match=f"cannot write {fresh_workdir / 'x.json'}"):
+    write_json(fresh_workdir / "x.json", {})
+
+
+def test_export_to_an_unwritable_path_is_one_line(capsys, fresh_workdir, tmp_path):
+  (tmp_path / "file").write_text("")
+  out = tmp_path / "file" / "sub" / "e.npz"
+  err = one_line_error(*run_cli(capsys, "export", "--workdir", fresh_workdir, "--out", out)[::2])
+  assert f"cannot write {out}" in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--workdir", "{tmp}/wd"],
+    ["train", "--workdir", "{tmp}/wd"],
+    ["data", "inspect", "synthetic"],
+])
+def test_data_dir_with_the_synthetic_dataset_is_refused(capsys, tmp_path, argv):
+  mydata = copy_fixture("recbole", tmp_path / "mydata")
+  argv = [a.format(tmp=tmp_path) for a in argv] + ["--data-dir", mydata]
+  err = one_line_error(*run_cli(capsys, *argv)[::2])
+  assert "is ignored by the synthetic dataset" in err and f"--set data.name={mydata}" in err
+  assert not (tmp_path / "wd").exists()
+
+
+def test_data_dir_naming_a_dataset_folder_says_how_to_use_it(capsys, tmp_path):
+  mydata = copy_fixture("ml100k", tmp_path / "mydata")
+  err = one_line_error(*run_cli(capsys, "data", "inspect", "ml-1m", "--data-dir", mydata)[::2])
+  assert f"{mydata} itself holds a movielens-100k dataset" in err
+  assert f"--set data.name={mydata}" in err
+
+
+def test_a_relative_data_dir_is_kept_absolute(capsys, monkeypatch, tmp_path):
+  copy_fixture("ml100k", tmp_path / "data" / "ml-100k")
+  monkeypatch.chdir(tmp_path)
+  from lego_jax import runner
+  args = cli.parser().parse_args(["train", "--workdir", "wd", "--data-dir", "data"])
+  assert runner._overrides(args) == [f"data.data_dir={json.dumps(str(tmp_path / 'data'))}"]
+  monkeypatch.setenv("LEGO_DATA_DIR", "data")
+  assert load_dataset("ml-100k").n_users == 3
+
+
+def test_a_bad_sweep_is_one_line(capsys, tmp_path):
+  err = one_line_error(*run_cli(capsys, "run", "--workdir", tmp_path / "wd", "--sweep", "1,lots")[::2])
+  assert "--sweep expects comma-separated numbers, got '1,lots'" in err
