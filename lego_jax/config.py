@@ -2,8 +2,9 @@
 
 A config file only states what differs from `DEFAULTS`; `resolve` merges it
 over the defaults and applies `--set key=value` overrides (dotted keys, values
-parsed as TOML literals and checked against the default's type). The resolved
-config is saved as JSON in the workdir.
+parsed as TOML literals and checked against the default's type), then
+`validate` checks every value against `CONSTRAINTS`. The resolved config is
+saved as JSON in the workdir.
 """
 
 import copy
@@ -443,4 +444,9 @@ def save(config: dict, path: os.PathLike) -> None:
 
 
 def load(path: os.PathLike) -> dict:
-  return json.loads(pathlib.Path(path).read_text())
+  try:
+    return json.loads(pathlib.Path(path).read_text())
+  except OSError as e:
+    raise LegoError(f"cannot read {path}: {e.strerror or e}") from None
+  except ValueError as e:  # a truncated or hand-edited file
+    raise LegoError(f"{path}: not a valid config ({e})") from None

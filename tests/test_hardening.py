@@ -363,3 +363,14 @@ def test_a_relative_data_dir_is_kept_absolute(capsys, monkeypatch, tmp_path):
 def test_a_bad_sweep_is_one_line(capsys, tmp_path):
   err = one_line_error(*run_cli(capsys, "run", "--workdir", tmp_path / "wd", "--sweep", "1,lots")[::2])
   assert "--sweep expects comma-separated numbers, got '1,lots'" in err
+
+
+def test_a_corrupt_or_unreadable_workdir_config_is_one_line(capsys, monkeypatch, tmp_path):
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "config.json").write_text('{"seed": 0, "data": {')
+  err = one_line_error(*run_cli(capsys, "evaluate", "--workdir", wd)[::2])
+  assert f"{wd / 'config.json'}: not a valid config" in err
+  permission_denied(monkeypatch, "read_text", wd)
+  err = one_line_error(*run_cli(capsys, "evaluate", "--workdir", wd)[::2])
+  assert f"cannot read {wd / 'config.json'}: Permission denied" in err

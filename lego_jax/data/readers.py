@@ -285,7 +285,7 @@ def _table(columns, lines, path, names, encoding="utf-8", age_kind="") -> UserTa
     if not u:
       raise LegoError(f"{path}:{lines[r]}: empty user id")
     if u in seen:
-      raise LegoError(f"{path}:{lines[r]}: user {u!r} repeats line {lines[seen[u]]}")
+      raise LegoError(f"{path}:{lines[r]}: user {u[:EXCERPT]!r} repeats line {lines[seen[u]]}")
     seen[u] = r
   cols = {n: [decode(t, encoding) for t in columns[c]] for c, n in enumerate(names) if c and n}
   return UserTable(ids, cols, age_kind, str(path))
