@@ -187,7 +187,7 @@ class Workdir:
            for a in names if attrs[a].num_classes < 2]
     if bad:
       raise LegoError(f"attribute{'s' if len(bad) > 1 else ''} {', '.join(bad)} cannot be "
-                      "attacked or unlearned: it needs labelled users of at least 2 classes")
+                      "attacked or unlearned: each needs labelled users of at least 2 classes")
     return (np.stack([attrs[a].codes for a in names]).astype(np.int32),
             [attrs[a].num_classes for a in names])
 

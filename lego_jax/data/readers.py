@@ -102,7 +102,7 @@ def _sep(sep: bytes) -> str:
 
 
 def _check_printable(names: Sequence[str], path, lines, rows, what: str) -> None:
-  """Refuses an id holding a control character; rows[k] is a row of names[k]."""
+  """Refuses an id holding a control character; `rows(k)` is a row holding names[k]."""
   if CONTROL.search("".join(names)):
     k = next(k for k, n in enumerate(names) if CONTROL.search(n))
     raise LegoError(f"{path}:{lines[rows(k)]}: {what} holds a control character "
