@@ -2,8 +2,9 @@
 
 A config file only states what differs from `DEFAULTS`; `resolve` merges it
 over the defaults and applies `--set key=value` overrides (dotted keys, values
-parsed as TOML literals and checked against the default's type). The resolved
-config is saved as JSON in the workdir.
+parsed as TOML literals and checked against the default's type), then
+`validate` checks every value against `CONSTRAINTS`. The resolved config is
+saved as JSON in the workdir.
 """
 
 import copy
@@ -15,6 +16,8 @@ import sysconfig
 import tomllib
 from typing import Any
 
+from lego_jax.data import FORMATS, SPLIT_METHODS
+from lego_jax.data.load import parse_age_bins
 from lego_jax.errors import LegoError, unknown
 
 DEFAULTS: dict[str, Any] = {
@@ -274,16 +277,190 @@ def resolve(name: str | None = None, overrides=()) -> dict:
       raise LegoError(f"{path}: {e}") from None
   for text in overrides:
     config = merge(config, parse_override(text))
+  validate(config)
   return config
+
+
+# ---------------------------------------------------------------------------
+# Values: checked up front, so a bad one is refused before anything is trained
+# or written, naming the field and what it accepts.
+#
+# The name lists live with the code that uses them, in modules that import JAX;
+# config must stay light, so they are repeated here (tests/test_hardening.py
+# checks the copies agree).
+MODEL_NAMES = ("mf", "ncf", "lightgcn")                    # models.NAMES
+LOSSES = ("mmd", "d2d", "adversarial")                     # unlearning.calibration.LOSSES
+CALIBRATORS = ("table", "residual")                        # unlearning.calibrators.CALIBRATORS
+STOPS = ("null", "two-sided", "steps")                     # unlearning.losses.STOPS
+HINGES = ("kernel", "sum")                                 # unlearning.losses.HINGES
+ESTIMATORS = ("kernel", "features")                        # unlearning.losses.ESTIMATORS
+LINEAR_SCOPES = ("batch", "population")                    # unlearning.calibration.LINEAR_SCOPES
+COMBINE_MODES = ("dim", "scalar", "convex")                # unlearning.combination.MODES
+COMBINE_INITS = ("uniform", "ones")                        # unlearning.combination.INITS
+ATTACKERS = ("mlp", "linear")                              # evaluation.attackers.ATTACKERS
+ADVERSARIAL_OBJECTIVES = ("reverse", "confusion")          # models.adversarial.OBJECTIVES
+RANKING_METRICS = ("recall", "ndcg", "hr")                 # evaluation.ranking.METRICS
+
+
+def _number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+  """A check for a number in [lo, hi] (open ends where asked), and its description."""
+  def ok(x):
+    if not _number(x) or (integer and not isinstance(x, int)) or x != x:
+      return False
+    if lo is not None and (x <= lo if lo_open else x < lo):
+      return False
+    return hi is None or (x < hi if hi_open else x <= hi)
+  if lo is not None and hi is not None:
+    text = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+  elif lo is not None:
+    text = f"{'>' if lo_open else '>='} {lo:g}"
+  else:
+    text = "a number"
+  kind = "an integer" if integer else "a number"
+  return ok, f"{kind} {text}" if lo is not None or hi is not None else kind
+
+
+def _one_of(*names):
+  return (lambda x: x in names), f"one of {', '.join(repr(n) for n in names)}"
+
+
+def _each(check, at_least: int = 0):
+  ok, text = check
+  return ((lambda x: isinstance(x, list) and len(x) >= at_least and all(ok(v) for v in x)),
+          f"a {'non-empty ' if at_least else ''}list, each {text}")
+
+
+def _metric(x) -> bool:
+  name, _, k = str(x).partition("@")
+  return name in RANKING_METRICS and k.isdigit() and int(k) >= 1
+
+
+def _age_bins(x) -> bool:
+  try:
+    parse_age_bins(x)
+  except LegoError:
+    return False
+  return True
+
+
+def _ratios(x) -> bool:
+  return (isinstance(x, list) and len(x) == 3 and all(_number(r) and r >= 0 for r in x)
+          and x[0] > 0 and abs(sum(x) - 1) <= 1e-6)
+
+
+POSITIVE_INT = _range(1, integer=True)
+NON_NEGATIVE_INT = _range(0, integer=True)
+POSITIVE = _range(0, lo_open=True)
+NON_NEGATIVE = _range(0)
+FRACTION = _range(0, 1, lo_open=True, hi_open=True)
+
+# field -> (check, what it accepts). A field missing here is not checked (a
+# field added to DEFAULTS keeps working before it gets a line).
+CONSTRAINTS = {
+    "seed": NON_NEGATIVE_INT,
+    "data.format": _one_of("", *FORMATS),
+    "data.rating_threshold": NON_NEGATIVE,
+    "data.kcore": NON_NEGATIVE_INT,
+    "data.age_bins": (_age_bins, "'', 'none' or increasing integers like '18,25,35'"),
+    "data.split": _one_of(*SPLIT_METHODS),
+    "data.split_ratios": (_ratios, "3 non-negative numbers (train > 0) summing to 1"),
+    "data.synthetic_users": POSITIVE_INT,
+    "data.synthetic_items": POSITIVE_INT,
+    "data.synthetic_density": _range(0, 1, lo_open=True),
+    "model.name": _one_of(*MODEL_NAMES),
+    "model.dim": POSITIVE_INT,
+    "model.mlp_layers": _each(POSITIVE_INT),
+    "model.n_layers": NON_NEGATIVE_INT,
+    "train.epochs": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.lr": POSITIVE,
+    "train.l2": NON_NEGATIVE,
+    "train.eval_every": NON_NEGATIVE_INT,   # 0 is read as 1
+    "train.patience": POSITIVE_INT,
+    "train.metric": (_metric, f"METRIC@K with METRIC one of {', '.join(RANKING_METRICS)} "
+                              "and K >= 1, e.g. 'ndcg@10'"),
+    "train.negatives": POSITIVE_INT,
+    "eval.ks": _each(POSITIVE_INT, at_least=1),
+    "eval.batch_users": POSITIVE_INT,
+    "attack.hidden": POSITIVE_INT,
+    "attack.l2": NON_NEGATIVE,
+    "attack.lr": POSITIVE,
+    "attack.steps": POSITIVE_INT,
+    "attack.val_frac": _range(0, 1, hi_open=True),
+    "attack.folds": _range(2, integer=True),
+    "attack.paper_splits": POSITIVE_INT,
+    "attack.paper_train_frac": FRACTION,
+    "unlearn.loss": _one_of(*LOSSES),
+    "unlearn.calibrator": _one_of(*CALIBRATORS),
+    "unlearn.steps": POSITIVE_INT,
+    "unlearn.lr": POSITIVE,
+    "unlearn.w_mi": NON_NEGATIVE,
+    "unlearn.lam_rank": NON_NEGATIVE,
+    "unlearn.l2": NON_NEGATIVE,
+    "unlearn.batch_users": NON_NEGATIVE_INT,  # 0 = every user
+    "unlearn.topk": POSITIVE_INT,
+    "unlearn.guard": NON_NEGATIVE_INT,
+    "unlearn.margin": NON_NEGATIVE,
+    "unlearn.linear_scope": _one_of(*LINEAR_SCOPES),
+    "unlearn.bandwidths": _each(_range()),  # empty: the linear kernel alone
+    "unlearn.hinge": _one_of(*HINGES),
+    "unlearn.stop": _one_of(*STOPS),
+    "unlearn.estimator": _one_of(*ESTIMATORS),
+    "unlearn.features": POSITIVE_INT,
+    "unlearn.null_perms": POSITIVE_INT,
+    "unlearn.ckpt_every": POSITIVE_INT,
+    "combine.mode": _one_of(*COMBINE_MODES),
+    "combine.steps": POSITIVE_INT,
+    "combine.lr": POSITIVE,
+    "combine.w_mi": NON_NEGATIVE,
+    "combine.lam_rank": NON_NEGATIVE,
+    "combine.init": _one_of(*COMBINE_INITS),
+    "run.attackers": _each(_one_of(*ATTACKERS)),
+    "run.sweep": _each(NON_NEGATIVE),
+    "run.adversarial_objective": _one_of(*ADVERSARIAL_OBJECTIVES),
+    "run.adversarial_weight": NON_NEGATIVE,
+}
+
+
+def _refuse(path: str, value, what: str) -> LegoError:
+  return LegoError(f"config field {path} must be {what}, got {value!r}")
+
+
+def validate(config: dict) -> None:
+  """Refuses values out of range (LegoError naming the field); unlisted fields pass."""
+  for path, (ok, what) in CONSTRAINTS.items():
+    section, _, field = path.rpartition(".")
+    node = config.get(section) if section else config
+    if isinstance(node, dict) and field in node and not ok(node[field]):
+      raise _refuse(path, node[field], what)
+  for path, (section, fields) in KEYED.items():
+    head, _, key = path.partition(".")
+    for name, entry in ((config.get(head) or {}).get(key) or {}).items():
+      for field, value in entry.items():
+        ok, what = CONSTRAINTS.get(f"{section}.{field}", (lambda x: True, ""))
+        if not ok(value):
+          raise _refuse(f"{path}.{name}.{field}", value, what)
 
 
 def save(config: dict, path: os.PathLike) -> None:
   """Writes the config as JSON, atomically."""
   path = pathlib.Path(path)
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+  except OSError as e:  # a read-only workdir, a full disk
+    raise LegoError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def load(path: os.PathLike) -> dict:
-  return json.loads(pathlib.Path(path).read_text())
+  try:
+    return json.loads(pathlib.Path(path).read_text())
+  except OSError as e:
+    raise LegoError(f"cannot read {path}: {e.strerror or e}") from None
+  except ValueError as e:  # a truncated or hand-edited file
+    raise LegoError(f"{path}: not a valid config ({e})") from None

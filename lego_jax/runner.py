@@ -20,9 +20,21 @@ from lego_jax.workdir import Workdir, safe_name, writer_lock
 
 def _overrides(args) -> list[str]:
   sets = list(getattr(args, "set", []) or [])
-  if getattr(args, "data_dir", None):
-    sets.insert(0, f"data.data_dir={json.dumps(args.data_dir)}")
+  if getattr(args, "data_dir", None):  # absolute: later commands may run from elsewhere
+    sets.insert(0, f"data.data_dir={json.dumps(os.path.abspath(args.data_dir))}")
   return sets
+
+
+def _resolve(args, name=None, overrides=None) -> dict:
+  """The config of a one-dataset command; --data-dir with the synthetic dataset is refused."""
+  config = config_lib.resolve(name, _overrides(args) if overrides is None else overrides)
+  if getattr(args, "data_dir", None) and config["data"]["name"] == "synthetic":
+    # Silently training on synthetic data is the worst answer to a user who
+    # pointed at their own files.
+    raise LegoError(f"--data-dir {args.data_dir} is ignored by the synthetic dataset; "
+                    f"--data-dir is the folder holding ml-100k/, ml-1m/ or lastfm-360k/. "
+                    f"To use your own files pass --set data.name={args.data_dir}")
+  return config
 
 
 # ---- data -------------------------------------------------------------------
@@ -32,7 +44,7 @@ def inspect_data(args):
     overrides.append(f"data.format={json.dumps(args.format)}")
   if args.users:
     overrides.append(f"data.users_file={json.dumps(args.users)}")
-  config = config_lib.resolve(None, overrides)
+  config = _resolve(args, None, overrides)
   ds, split = data.from_config(config)
   info = data.describe(ds, split)
 
@@ -49,8 +61,7 @@ def inspect_data(args):
 
 # ---- backbone and evaluation ------------------------------------------------
 def open_or_create(args) -> Workdir:
-  config = config_lib.resolve(getattr(args, "config", None), _overrides(args))
-  return Workdir.create(args.workdir, config)
+  return Workdir.create(args.workdir, _resolve(args, getattr(args, "config", None)))
 
 
 def train(args):
@@ -110,10 +121,13 @@ def export(args):
   out = pathlib.Path(args.out)
   if out.suffix != ".npz":
     raise LegoError(f"--out must name a .npz file, got {out}")
-  out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f".{out.stem}.tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, out)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+  except OSError as e:
+    raise LegoError(f"cannot write {out}: {e.strerror or e}") from None
   return (f"wrote {out}: {table.shape[0]} users x {table.shape[1]} dims, stage {args.stage}",
           False, str)
 
@@ -131,8 +145,10 @@ def unlearn(args):
   # are written, so a second writer cannot mix its settings into this run.
   with writer_lock(args.workdir):
     wd = Workdir.open(args.workdir, args.set)
+    names = requested(wd, args.attributes)
+    wd.labels(names)  # refuses unknown or unlabelled attributes before any work
     u = Unlearner(wd)
-    u.unlearn(requested(wd, args.attributes))
+    u.unlearn(names)
     return _status(u, False)
 
 
@@ -162,9 +178,12 @@ def _status(u: Unlearner, as_json: bool):
 def run(args):
   from lego_jax import experiment
   name = args.config or "synthetic_mf"   # the main job's synthetic default
-  config = config_lib.resolve(name, _overrides(args))
+  config = _resolve(args, name)
   if args.sweep:
-    config["run"]["sweep"] = [float(x) for x in args.sweep.split(",") if x]
+    try:
+      config["run"]["sweep"] = [float(x) for x in args.sweep.split(",") if x]
+    except ValueError:
+      raise LegoError(f"--sweep expects comma-separated numbers, got {args.sweep!r}") from None
   workdir = args.workdir or os.path.join("runs", safe_name(pathlib.Path(name).stem))
   results = experiment.train_and_evaluate(config, workdir)
   return results["summary"], False, lambda s: s

@@ -72,8 +72,12 @@ def write_json(path: os.PathLike, obj) -> None:
   """Atomic JSON write (temporary file, then rename)."""
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
-  os.replace(tmp, path)
+  text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  except OSError as e:  # a read-only workdir, a full disk
+    raise LegoError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _json_default(o):
@@ -200,13 +204,14 @@ class Workdir:
   def create(cls, path: os.PathLike, config: dict) -> "Workdir":
     """A new workdir, or an existing one if its identity fields match `config`."""
     path = pathlib.Path(path)
+    config_lib.validate(config)  # before anything is written: a refused config leaves no trace
     if (path / "config.json").is_file():
       old = config_lib.load(path / "config.json")
       diffs = [d for f in IDENTITY for d in _diff(_identity(old, f), _identity(config, f), f)]
       if diffs:
         raise LegoError(f"workdir {path} was built with another config; differs: {'; '.join(diffs)}"
                         " (use another --workdir)")
-    with writer_lock(path):
+    with writer_lock(path):   # creates the folder, or says why it cannot
       config_lib.save(config, path / "config.json")
     return cls(path, config)
 
@@ -251,9 +256,22 @@ class Workdir:
   def labels(self, names) -> tuple[np.ndarray, list[int]]:
     """(K, n_users) int codes (-1 missing) and class counts for the named attributes."""
     attrs = self.dataset.attributes
+    if not attrs:
+      raise LegoError(f"dataset {self.dataset.name} has no user attributes, so there is nothing "
+                      "to attack or unlearn; give a user-attribute file (data.users_file)")
+    if not names:
+      raise LegoError(f"no attribute given; valid: {', '.join(attrs)}")
     for name in names:
       if name not in attrs:
         raise unknown("attribute", name, attrs)
+    # Classes no user has are left out, so fewer than 2 means nothing to learn:
+    # an estimate on it would be silently meaningless.
+    bad = [f"{a} ({attrs[a].num_classes} class{'es' if attrs[a].num_classes != 1 else ''}, "
+           f"{int((attrs[a].codes >= 0).sum())} labelled users)"
+           for a in names if attrs[a].num_classes < 2]
+    if bad:
+      raise LegoError(f"attribute{'s' if len(bad) > 1 else ''} {', '.join(bad)} cannot be "
+                      "attacked or unlearned: each needs labelled users of at least 2 classes")
     return (np.stack([attrs[a].codes for a in names]).astype(np.int32),
             [attrs[a].num_classes for a in names])
 

@@ -19,7 +19,8 @@ def data_dir() -> pathlib.Path:
     pytest.skip("LEGO_DATA_DIR not set: it names the folder holding ml-100k/ and ml-1m/")
   if not pathlib.Path(path).is_dir():
     pytest.skip(f"LEGO_DATA_DIR={path} is not a folder")
-  return pathlib.Path(path)
+  # Absolute: a relative path (../shared/data) would dangle in symlinks made under tmp_path.
+  return pathlib.Path(path).absolute()
 
 
 def _need(data_dir, name):

@@ -251,10 +251,19 @@ def _dataset_folder(name: str, data_dir) -> pathlib.Path:
   if not base:
     raise LegoError(f"dataset {name} needs a data folder: pass --data-dir DIR or set "
                     f"LEGO_DATA_DIR (the files go in DIR/{name}/)")
-  folder = pathlib.Path(base) / name
+  # Absolute once, so a relative LEGO_DATA_DIR means the same from every file
+  # and symlink made from this path.
+  folder = pathlib.Path(os.path.abspath(base)) / name
   if not folder.is_dir():
-    raise LegoError(f"dataset {name}: folder {folder} does not exist "
-                    f"(set --data-dir or LEGO_DATA_DIR to the folder that holds {name}/)")
+    hint = f"set --data-dir or LEGO_DATA_DIR to the folder that holds {name}/"
+    try:
+      fmt = readers.detect_format(folder.parent)
+    except (LegoError, OSError):
+      fmt = None
+    if fmt:  # the newcomer's mistake: --data-dir naming the dataset's own folder
+      hint = (f"{folder.parent} itself holds a {fmt} dataset: to use it, give that folder "
+              f"as the dataset, e.g. --set data.name={folder.parent}")
+    raise LegoError(f"dataset {name}: folder {folder} does not exist ({hint})")
   return folder
 
 
@@ -280,6 +289,13 @@ def load_dataset(name_or_path: Union[str, os.PathLike], *, data_dir=None, format
                         float(synthetic_density), int(seed)), **common)
   if format and format not in readers.FORMATS:
     raise unknown("format", format, readers.FORMATS)
+  try:
+    return _load_files(name, data_dir, format, users_file, common)
+  except OSError as e:  # a folder or file we may not list or stat (reads say so themselves)
+    raise LegoError(f"{e.filename or name}: cannot read: {e.strerror or e}") from None
+
+
+def _load_files(name, data_dir, format, users_file, common) -> Dataset:
   if name in NAMED_FORMAT:
     folder = _dataset_folder(name, data_dir)
     format = format or NAMED_FORMAT[name]

@@ -19,6 +19,7 @@ import gzip
 import itertools
 import os
 import pathlib
+import re
 import zlib
 from typing import Optional, Sequence
 
@@ -28,6 +29,13 @@ from lego_jax.errors import LegoError, unknown
 
 FORMATS = ("movielens-100k", "movielens-1m", "recbole", "lightgcn", "lastfm")
 ML1M_AGE_CODES = (1, 18, 25, 35, 45, 50, 56)
+BOM = b"\xef\xbb\xbf"
+# An id is printable text: a control character (or a BOM inside the file) means
+# binary data or a broken export, which would otherwise become a ghost user.
+CONTROL = re.compile("[\x00-\x1f\x7f\ufeff]")
+# The same in raw bytes, for whitespace-separated files (tab, \r, \n separate).
+CONTROL_BYTES = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xef\xbb\xbf")
+EXCERPT = 20  # characters of a file quoted in a message: enough to recognise, not to leak
 
 
 @dataclasses.dataclass
@@ -73,7 +81,8 @@ def read_bytes(path: os.PathLike) -> bytes:
     raise LegoError(f"{path}: file not found") from None
   except (OSError, EOFError, zlib.error) as e:
     raise LegoError(f"{path}: cannot read: {e}") from None
-  return data.replace(b"\r\n", b"\n")
+  # A leading BOM is encoding metadata (Excel, Notepad), not part of the first id.
+  return data.removeprefix(BOM).replace(b"\r\n", b"\n")
 
 
 def decode(token: bytes, encoding: str = "utf-8") -> str:
@@ -85,7 +94,19 @@ def decode(token: bytes, encoding: str = "utf-8") -> str:
 
 def _show(line: bytes) -> str:
   text = decode(line)
-  return repr(text if len(text) <= 60 else text[:57] + "...")
+  return repr(text[:EXCERPT]) + ("..." if len(text) > EXCERPT else "")
+
+
+def _sep(sep: bytes) -> str:
+  return repr(sep.decode("latin-1"))  # decode() would strip a tab to ''
+
+
+def _check_printable(names: Sequence[str], path, lines, rows, what: str) -> None:
+  """Refuses an id holding a control character; `rows(k)` is a row holding names[k]."""
+  if CONTROL.search("".join(names)):
+    k = next(k for k, n in enumerate(names) if CONTROL.search(n))
+    raise LegoError(f"{path}:{lines[rows(k)]}: {what} holds a control character "
+                    f"(binary data?): {names[k][:EXCERPT]!r}")
 
 
 def split_fields(data: bytes, sep: bytes, ncols: int, path, skip: int = 0,
@@ -102,7 +123,7 @@ def split_fields(data: bytes, sep: bytes, ncols: int, path, skip: int = 0,
   if len(blank) != len(odd):
     i = next(i for i in odd.tolist() if lines[i].strip())
     raise LegoError(f"{path}:{i + skip + 1}: expected {ncols} fields separated by "
-                    f"{decode(sep)!r}, got {counts[i] + 1}: {_show(lines[i])}")
+                    f"{_sep(sep)}, got {counts[i] + 1}: {_show(lines[i])}")
   keep = np.arange(len(lines))
   if blank:
     keep = np.delete(keep, blank)
@@ -137,6 +158,7 @@ def factorize(column: Sequence[bytes], lines: np.ndarray, path, what: str,
   codes = np.fromiter((index.setdefault(t, len(index)) for t in column), np.int64, len(column))
   raw = list(index)
   names = [decode(t, encoding) for t in raw]
+  _check_printable(names, path, lines, lambda k: int(np.flatnonzero(codes == k)[0]), what)
   if "" in names:
     r = int(np.flatnonzero(codes == names.index(""))[0])
     raise LegoError(f"{path}:{lines[r]}: empty {what}")
@@ -213,10 +235,10 @@ def read_lightgcn(folder: pathlib.Path) -> Interactions:
     path = folder / name
     if not path.is_file():
       continue
-    for n, line in enumerate(read_bytes(path).split(b"\n"), 1):
+    data = read_bytes(path)
+    _check_text(data, path, "expected `user item item ...` lines of text")
+    for line in data.split(b"\n"):
       tokens = line.split()
-      if not line.isascii() and any(not decode(t) for t in tokens):
-        raise LegoError(f"{path}:{n}: expected `user item item ...`, got {_show(line)}")
       if len(tokens) > 1:
         user_tok.extend(itertools.repeat(tokens[0], len(tokens) - 1))
         item_tok.extend(tokens[1:])
@@ -226,6 +248,21 @@ def read_lightgcn(folder: pathlib.Path) -> Interactions:
   items, item_ids = factorize(item_tok, lines, folder, "item id")
   return Interactions(users, items, user_ids, item_ids, fold=np.array(fold, np.int8),
                       source=str(folder / "train.txt"))
+
+
+def _check_text(data: bytes, path, expected: str) -> None:
+  """Refuses control bytes and invalid UTF-8, naming the first bad line."""
+  bad = CONTROL_BYTES.search(data)
+  start = bad.start() if bad else None
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    start = e.start if start is None else min(start, e.start)
+  if start is not None:
+    line = data.count(b"\n", 0, start) + 1
+    text = data[data.rfind(b"\n", 0, start) + 1:].split(b"\n", 1)[0]
+    raise LegoError(f"{path}:{line}: {expected}, got binary data: "
+                    f"{repr(text[:EXCERPT])[1:]}{'...' if len(text) > EXCERPT else ''}")
 
 
 def read_lastfm_plays(path) -> Interactions:
@@ -242,12 +279,13 @@ def read_lastfm_plays(path) -> Interactions:
 
 def _table(columns, lines, path, names, encoding="utf-8", age_kind="") -> UserTable:
   ids = [decode(t, encoding) for t in columns[0]]
+  _check_printable(ids, path, lines, lambda k: k, "user id")
   seen: dict[str, int] = {}
   for r, u in enumerate(ids):
     if not u:
       raise LegoError(f"{path}:{lines[r]}: empty user id")
     if u in seen:
-      raise LegoError(f"{path}:{lines[r]}: user {u!r} repeats line {lines[seen[u]]}")
+      raise LegoError(f"{path}:{lines[r]}: user {u[:EXCERPT]!r} repeats line {lines[seen[u]]}")
     seen[u] = r
   cols = {n: [decode(t, encoding) for t in columns[c]] for c, n in enumerate(names) if c and n}
   return UserTable(ids, cols, age_kind, str(path))
@@ -354,7 +392,7 @@ def _lightgcn_users(folder: pathlib.Path) -> Optional[pathlib.Path]:
   """A .tsv/.csv in the folder whose header starts with user_id."""
   for path in sorted(folder.glob("*.tsv")) + sorted(folder.glob("*.csv")):
     with open(path, "rb") as f:
-      head = f.readline().strip().lower()
+      head = f.readline().removeprefix(BOM).strip().lower()
     if head.startswith((b"user_id\t", b"user_id,")):
       return path
   return None

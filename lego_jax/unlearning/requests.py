@@ -136,7 +136,7 @@ class Unlearner:
   def num_classes(self) -> int:
     """Classes are padded to the dataset's largest count, so a brick's program
     and result do not depend on which attributes it was calibrated with."""
-    return max(self.wd.labels(self.wd.attribute_names())[1])
+    return max(2, *(a.num_classes for a in self.wd.dataset.attributes.values()))
 
   def batch_users(self) -> int:
     """The minibatch: `unlearn.batch_users` where set, else a fraction of the users.
