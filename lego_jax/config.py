@@ -401,7 +401,15 @@ CONSTRAINTS = {
     "unlearn.w_mi": NON_NEGATIVE,
     "unlearn.lam_rank": NON_NEGATIVE,
     "unlearn.l2": NON_NEGATIVE,
-    "unlearn.batch_users": NON_NEGATIVE_INT,  # 0 = every user
+    "unlearn.batch_users": NON_NEGATIVE_INT,  # 0 = unlearn.batch_fraction of the users
+    "unlearn.batch_fraction": _range(0, 1, lo_open=True),
+    "unlearn.control": _one_of("probe", "none"),
+    "unlearn.target_leakage": NON_NEGATIVE,
+    "unlearn.min_retention": _range(0, 1),
+    "unlearn.probes": _each(_one_of(*ATTACKERS), at_least=1),
+    "unlearn.probe_folds": _range(2, integer=True),
+    "unlearn.control_rounds": POSITIVE_INT,
+    "unlearn.max_gain": _range(1),
     "unlearn.topk": POSITIVE_INT,
     "unlearn.guard": NON_NEGATIVE_INT,
     "unlearn.margin": NON_NEGATIVE,

@@ -18,8 +18,9 @@ import time
 
 from lego_jax import config as config_lib
 from lego_jax.errors import LegoError, unknown
-from lego_jax.report import RANKING_KEYS, grid_table, plots, summary
+from lego_jax.report import RANKING_KEYS, grid_table, plots, summary, trust_warnings
 from lego_jax.unlearning.baselines import METHODS
+from lego_jax.unlearning.requests import Unlearner
 from lego_jax.workdir import Workdir, safe_name, write_json, writer_lock
 
 # Config sections a stage's stored outcome depends on beyond the workdir's
@@ -111,7 +112,8 @@ def _train_and_evaluate(config: dict, workdir, progress: bool) -> dict:
   wd.labels(names)  # unknown attributes fail here, before any training
   results = {"command": "lego-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:])
              if sys.argv and "lego" in sys.argv[0] else None,
-             "config": config, "dataset": wd.dataset.name, "attributes": names, "methods": {}}
+             "config": config, "dataset": wd.dataset.name, "attributes": names,
+             "users": wd.split.n_users, "methods": {}}
 
   start = time.perf_counter()
   say("stage backbone: train or reuse")
@@ -126,13 +128,18 @@ def _train_and_evaluate(config: dict, workdir, progress: bool) -> dict:
   for m in methods:
     def run_method(m=m):
       out = METHODS[m](wd, names)
-      return _assess(wd, out.table, out.backbone, names, out.seconds, original)
+      res = _assess(wd, out.table, out.backbone, names, out.seconds, original)
+      if m == "lego":   # what the closed loop read and whether it reached its target
+        res["control"] = Unlearner(wd, progress=False).status().get("combination")
+      return res
     results["methods"][m] = _stage(wd, f"method:{m}", run_method, say, names)
     _write(wd, results)
 
   if config["run"]["sweep"]:
     results["sweep"] = _sweep(wd, names, config["run"]["sweep"], original, say)
   _write(wd, results)
+  for w in results["warnings"]:
+    say(f"warning: {w}")
   return results
 
 
@@ -159,6 +166,7 @@ def _sweep(wd: Workdir, names, values, original, say) -> list[dict]:
 
 
 def _write(wd: Workdir, results: dict) -> None:
+  results["warnings"] = trust_warnings(results)
   results["summary"] = summary(results)
   write_json(wd.path / "results.json", {k: v for k, v in results.items() if k != "summary"})
   tmp = wd.path / ".report.md.tmp"

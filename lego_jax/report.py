@@ -54,6 +54,11 @@ def summary(results: dict) -> str:
                          [[m] + [f"{r['attack'][at][a]['bacc']:.3f} ({r['attack'][at][a]['chance']:.3f})"
                                  for at in attackers for a in names]
                           for m, r in results["methods"].items() if "attack" in r]), ""]
+  control = (results["methods"].get("lego") or {}).get("control") or {}
+  if control.get("leakage"):
+    lines += [f"LEGO's closed loop: validation NDCG@10 retention {control['retention_valid']:.3f}; "
+              f"every attribute within the target: {'yes' if control['within_target'] else 'no'}"]
+    lines += [f"- warning: {w}" for w in control.get("warnings") or []] + [""]
   if results.get("sweep"):
     lines += ["Trade-off sweep (LEGO, ranking weight):", "",
               format_table(["lam_rank", "retention NDCG@10"] + [f"leak {a} (mlp)" for a in names],
@@ -65,6 +70,56 @@ def summary(results: dict) -> str:
   lines += ["Config:", "", "```json", json.dumps(results["config"], indent=1, sort_keys=True),
             "```", ""]
   return "\n".join(lines)
+
+
+def trust_warnings(results: dict) -> list[str]:
+  """Where a run's numbers cannot be trusted as they stand, in plain words."""
+  out = []
+  methods = results["methods"]
+  orig, pop = methods.get("original"), methods.get("popularity")
+  if orig and pop and orig["ranking"]["ndcg@10"] < pop["ranking"]["ndcg@10"]:
+    out.append(f"the backbone (NDCG@10 {orig['ranking']['ndcg@10']:.4f}) ranks worse than item "
+               f"popularity ({pop['ranking']['ndcg@10']:.4f}): train it longer or check the data; "
+               "retention against it means little")
+  for name, r in ((orig or {}).get("attack") or {}).get("mlp", {}).items():
+    half = (r["ci95"][1] - r["ci95"][0]) / 2
+    if half > 0.04:
+      out.append(f"{name}: the attackers' 95% interval is ±{half:.3f} ({r['n']} class-balanced "
+                 "users): leakage smaller than that cannot be told from chance")
+  cfg, n = results["config"]["unlearn"], results.get("users")
+  if n and (cfg["batch_users"] >= n or (cfg["batch_users"] <= 0 and cfg["batch_fraction"] >= 1)):
+    out.append(f"the unlearning minibatch covers all {n} users: calibration tends to overshoot "
+               "below chance (docs/findings.md); lower unlearn.batch_users or batch_fraction")
+  control = (methods.get("lego") or {}).get("control") or {}
+  out += [f"LEGO: {w}" for w in control.get("warnings") or []]
+  return out
+
+
+def digest(results: dict, workdir) -> str:
+  """What `lego-jax run` prints at the end: the results, the files, the verdict."""
+  names = results["attributes"]
+  attackers = [a for a in ("mlp", "linear") if a in results["methods"]["original"]["attack"]]
+  rows = []
+  for m, r in results["methods"].items():
+    if "attack" not in r:
+      continue
+    leaks = [max(r["attack"][at][a]["leakage"] for a in names) for at in attackers]
+    rows.append([m, f"{r['ranking']['ndcg@10']:.4f}",
+                 f"{(r.get('retention') or {}).get('ndcg@10', 1.0):.3f}"]
+                + [f"{x:.3f}" for x in leaks] + [_seconds(r.get("seconds"))])
+  text = [format_table(["method", "NDCG@10", "retention"]
+                       + [f"max leakage ({at})" for at in attackers] + ["seconds"], rows), ""]
+  control = (results["methods"].get("lego") or {}).get("control") or {}
+  if control.get("leakage"):
+    text.append("LEGO's closed loop: every attribute within "
+                f"{results['config']['unlearn']['target_leakage']:g} of chance for its probes: "
+                f"{'yes' if control['within_target'] else 'no'}")
+  path = pathlib.Path(workdir)
+  files = [p for p in ("results.json", "report.md", "leakage.png", "tradeoff.png")
+           if (path / p).exists()]
+  text.append(f"wrote {', '.join(str(path / p) for p in files)}")
+  text += [f"warning: {w}" for w in results.get("warnings") or []]
+  return "\n".join(text)
 
 
 def plots(path: pathlib.Path, results: dict) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from lego_jax import config as config_lib, data
 from lego_jax.errors import LegoError
-from lego_jax.report import ATTACK_KEYS, RANKING_KEYS, format_table
+from lego_jax.report import ATTACK_KEYS, RANKING_KEYS, digest, format_table
 from lego_jax.unlearning.requests import Unlearner
 from lego_jax.workdir import Workdir, safe_name, writer_lock
 
@@ -165,12 +165,32 @@ def request(args):
   return _status(u, False)
 
 
+def _leak(report) -> str:
+  """'mlp +0.004 [-0.010, +0.018] / linear ...' from a control report of one attribute."""
+  if not report:
+    return "-"
+  return " / ".join(f"{p} {r['signed']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+                    for p, r in report.items())
+
+
 def _status(u: Unlearner, as_json: bool):
   def text(s):
-    rows = [(a, "yes" if a in s["active"] else "no", m["steps"], m["created"])
+    rows = [(a, "yes" if a in s["active"] else "no", m["steps"],
+             "/".join(f"{g:.2f}" for g in m["gain"]), _leak(m["leakage"]), m["created"])
             for a, m in s["bricks"].items()]
-    return (f"active: {', '.join(s['active']) or 'none'}\n"
-            + format_table(("brick", "active", "steps", "created"), rows))
+    out = (f"active: {', '.join(s['active']) or 'none'}\n"
+           + format_table(("brick", "active", "steps", "gains (mean/rest)",
+                           "brick alone: probe leakage BAcc-chance [95%]", "created"), rows))
+    comb = s.get("combination") or {}
+    if comb.get("leakage"):
+      rows = [(a, "/".join(f"{g:.2f}" for g in comb["gains"][a]), _leak(r))
+              for a, r in comb["leakage"].items()]
+      out += ("\n\ncombined table (validation NDCG@10 retention "
+              f"{comb['retention_valid']:.3f}; every attribute within the target: "
+              f"{'yes' if comb['within_target'] else 'no'})\n"
+              + format_table(("attribute", "gains", "probe leakage BAcc-chance [95%]"), rows))
+      out += "".join(f"\nwarning: {w}" for w in comb.get("warnings") or [])
+    return out
   return u.status(), as_json, text
 
 
@@ -186,7 +206,7 @@ def run(args):
       raise LegoError(f"--sweep expects comma-separated numbers, got {args.sweep!r}") from None
   workdir = args.workdir or os.path.join("runs", safe_name(pathlib.Path(name).stem))
   results = experiment.train_and_evaluate(config, workdir)
-  return results["summary"], False, lambda s: s
+  return digest(results, workdir), False, lambda s: s
 
 
 def grid(args):

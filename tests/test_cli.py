@@ -50,7 +50,13 @@ def test_workdir_commands(capsys, fresh_workdir, tmp_path):
   status = json.loads(out)
   assert status["active"] == ["gender", "age"]
   assert set(status["bricks"]) == {"gender", "age"}
-  assert all(set(b) == {"created", "steps"} for b in status["bricks"].values())
+  assert all(set(b) == {"created", "steps", "gain", "leakage"} for b in status["bricks"].values())
+  comb = status["combination"]
+  assert set(comb["leakage"]) == {"gender", "age"} and len(comb["gains"]["gender"]) == 2
+  assert set(comb["leakage"]["gender"]) == {"linear", "mlp"}
+  assert comb["within_target"] == (not comb["warnings"])
+  code, out, _ = run_cli(capsys, "request", "status", "--workdir", wd)
+  assert code == 0 and "every attribute within the target" in out
   assert run_cli(capsys, "request", "add", "occupation", "--workdir", wd)[0] == 0
   assert run_cli(capsys, "request", "withdraw", "age", "--workdir", wd)[0] == 0
   code, out, _ = run_cli(capsys, "request", "status", "--workdir", wd, "--json")

@@ -11,6 +11,7 @@ resumed by the next call that asks for the same attributes and settings.
 import datetime
 import functools
 import shutil
+import sys
 import zlib
 from typing import Optional
 
@@ -34,7 +35,6 @@ BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "
                 "batch_fraction", "topk", "guard", "margin", "stop", "bandwidths", "linear_kernel",
                 "linear_scope", "centre", "estimator", "features", "hinge", "null_perms",
                 "control", "target_leakage", "probes", "probe_folds", "control_rounds", "max_gain")
-CONTROLS = ("probe", "none")
 
 
 def attribute_key(seed: int, name: str) -> jax.Array:
@@ -112,8 +112,13 @@ class Unlearner:
                       f"{'; '.join(diffs)} (`lego-jax unlearn` recalibrates it)")
     if "delta" not in tree:
       raise LegoError(f"checkpoint {d} is not a brick (no delta array)")
-    # The stored delta is the calibration's; the control loop's gain scales it.
-    return tree["delta"] * np.float32(meta.get("gain", 1.0))
+    # The stored delta is the calibration's; the control loop's gains scale
+    # its class-mean part and the rest.
+    a, b = meta.get("gain", [1.0, 1.0])
+    if a == b == 1.0:
+      return tree["delta"]
+    mean, rest = self._parts([name], tree["delta"][None])
+    return (a * mean[0] + b * rest[0]).astype(tree["delta"].dtype)
 
   def active(self) -> list[str]:
     d = self.wd.path / "combination"
@@ -123,7 +128,7 @@ class Unlearner:
     """Active set and bricks, with the leakage the control loop last measured."""
     out = {"active": self.active(),
            "bricks": {a: {"created": m.get("created"), "steps": m.get("steps"),
-                          "gain": m.get("gain", 1.0), "leakage": m.get("leakage")}
+                          "gain": m.get("gain", [1.0, 1.0]), "leakage": m.get("leakage")}
                       for a, m in self.brick_meta().items()}}
     d = self.wd.path / "combination"
     if checkpoint.exists(d):
@@ -164,18 +169,39 @@ class Unlearner:
     return control.read(tables, labels, num_classes, probes=self.cfg["probes"], seed=seed,
                         config=cfg, names=names)
 
-  def _solve(self, read_fn, k: int, independent: bool):
-    return control.solve(read_fn, k, tol=float(self.cfg["target_leakage"]),
+  def _say(self, text: str) -> None:
+    if self.progress:
+      tqdm.write(f"[lego-jax] {text}", file=sys.stderr)
+
+  def _solve(self, read_fn, names, independent: bool):
+    what = "bricks" if independent else "combined table"
+
+    def read(gains):
+      reading = read_fn(gains)
+      self._say(f"control, {what}: " + "; ".join(
+          f"{n} x{g[0]:.2f}/{g[1]:.2f} " + " ".join(
+              f"{p} {reading.signed[i, a]:+.3f}" for i, p in enumerate(reading.probes))
+          for a, (n, g) in enumerate(zip(names, gains))))
+      return reading
+    return control.solve(read, len(names), tol=float(self.cfg["target_leakage"]),
                          max_gain=float(self.cfg["max_gain"]),
                          rounds=int(self.cfg["control_rounds"]), independent=independent)
 
+  def _parts(self, names, bricks) -> tuple[np.ndarray, np.ndarray]:
+    """Each brick's class-mean move and the rest, (K, n, D) each (`control.split_move`)."""
+    labels, num_classes = self.wd.labels(names)
+    parts = [control.split_move(b, y, c) for b, y, c in zip(np.asarray(bricks), labels, num_classes)]
+    return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+
   def _control_bricks(self, names, bricks: np.ndarray) -> tuple[np.ndarray, Optional[dict]]:
-    """Gains (K,) taking each brick alone to chance, and what the probes read there."""
+    """Gains (K, 2) taking each brick alone to chance, and what the probes read there."""
     if self.cfg["control"] == "none":
-      return np.ones(len(names)), None
+      return np.ones((len(names), 2)), None
     e0 = np.asarray(self.target().e0)
+    mean, rest = self._parts(names, bricks)
     gains, history = self._solve(
-        lambda g: self._read(e0[None] + g[:, None, None] * bricks, names), len(names), True)
+        lambda g: self._read(e0[None] + g[:, :1, None] * mean + g[:, 1:, None] * rest, names),
+        names, True)
     return gains, control.reading_at(history, gains, True).report(names)
 
   def _valid_ndcg(self, table) -> float:
@@ -193,24 +219,22 @@ class Unlearner:
     k = len(active)
     tol, floor = float(self.cfg["target_leakage"]), float(self.cfg["min_retention"])
     if self.cfg["control"] == "none" or not k:
-      return np.ones(k), {}
-    gains, history = self._solve(lambda g: self._read(table_at(g), active), k, False)
+      return np.ones((k, 2)), {}
+    gains, history = self._solve(lambda g: self._read(table_at(g), active), active, False)
     original = self._valid_ndcg(np.asarray(self.target().e0))
     retention = lambda g: self._valid_ndcg(table_at(g)) / original if original else 1.0
     ret = retention(gains)
     warnings = []
-    if ret < floor:   # the best step that keeps the floor, in order of leakage
-      tried = {tuple(gains): ret}
+    if ret < floor:   # the steps read, closest to chance first, until one keeps the floor
+      tried = [(gains, ret)]
       for step in sorted(history, key=lambda s: s.reading.worst().max())[:4]:
-        key = tuple(step.gains)
-        if key not in tried:
-          tried[key] = retention(step.gains)
-        if tried[key] >= floor:
+        if not any(np.array_equal(step.gains, g) for g, _ in tried):
+          tried.append((step.gains, retention(step.gains)))
+        if tried[-1][1] >= floor:
           break
-      ok = [g for g in tried if tried[g] >= floor]
-      worst = lambda g: control.reading_at(history, np.asarray(g), False).worst().max()
-      chosen = min(ok, key=worst) if ok else max(tried, key=tried.get)
-      gains, ret = np.asarray(chosen), tried[chosen]
+      ok = [t for t in tried if t[1] >= floor]
+      worst = lambda t: control.reading_at(history, t[0], False).worst().max()
+      gains, ret = min(ok, key=worst) if ok else max(tried, key=lambda t: t[1])
       warnings.append(f"the utility floor (validation NDCG@10 retention {floor:.2f}) was binding: "
                       f"kept the table at retention {ret:.3f}")
     reading = control.reading_at(history, gains, False)
@@ -220,7 +244,7 @@ class Unlearner:
         warnings.append(f"{name}: {reading.probes[p]} probe reads {reading.signed[p, a]:+.3f} "
                         f"(95% interval {reading.lo[p, a]:+.3f}..{reading.hi[p, a]:+.3f}), "
                         f"target within {tol:.3f} of chance, at retention {ret:.3f}")
-    return gains, {"gains": dict(zip(active, map(float, gains))),
+    return gains, {"gains": {a: [float(x) for x in g] for a, g in zip(active, gains)},
                    "leakage": reading.report(active), "retention_valid": float(ret),
                    "within_target": not warnings, "warnings": warnings,
                    "control_steps": len(history)}
@@ -287,7 +311,7 @@ class Unlearner:
     gains, leakage = self._control_bricks(todo, bricks)
     for k, name in enumerate(todo):
       meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
-              "settings": self.brick_settings(name), "gain": float(gains[k]),
+              "settings": self.brick_settings(name), "gain": [float(x) for x in gains[k]],
               "leakage": None if leakage is None else leakage[name],
               "final_mi": float(trace.mi[k, -1, 0]), "final_null": float(trace.null[k, -1, 0]),
               "final_rank": float(trace.rank[k, -1]), **self._identity()}
@@ -332,14 +356,19 @@ class Unlearner:
       spec = combination.Spec.from_config(ccfg, {**self.cfg, "batch_users": self.batch_users()},
                                           self.num_classes())
       key = jax.random.fold_in(jax.random.PRNGKey(self.wd.config["seed"]), 1)
+      self._say(f"combining {', '.join(active)} ({spec.steps} steps)")
       w, _, _ = combination.fit(self.target(), bricks, jnp.asarray(labels), mask, key,
                                 combination.HParams.from_config(ccfg), spec=spec, score_fn=bb.score)
       index = np.asarray([order.index(a) for a in active])
+      mean, rest = (jnp.asarray(x) for x in self._parts(order, bricks))
 
       def table_at(g):
-        gains = np.ones(len(order), np.float32)
+        gains = np.ones((len(order), 2), np.float32)
         gains[index] = g
-        return np.asarray(combination.combine(w, e0, bricks, mask, spec.mode, jnp.asarray(gains)))
+        gains = jnp.asarray(gains)
+        return np.asarray(combination.combine(w, e0, mean, mask, spec.mode, gains[:, 0])
+                          + combination.combine(w, jnp.zeros_like(e0), rest, mask, spec.mode,
+                                                gains[:, 1]))
 
       g, report = self._control_combination(active, table_at)
       table, weights, names = table_at(g), np.asarray(w), order
