@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
   p = sub.add_parser("attack", help="attribute-inference attack on a stage's embeddings")
   p.add_argument("--workdir", required=True)
   p.add_argument("--stage", default="original", help="original, combined or brick:<attribute>")
-  p.add_argument("--attacker", default="mlp", choices=("mlp", "linear"))
+  p.add_argument("--attacker", default="mlp", choices=("mlp", "linear", "knn"))
   p.add_argument("--protocol", default="cv5", choices=("cv5", "paper"))
   p.add_argument("--json", action="store_true")
 

@@ -18,7 +18,7 @@ import time
 
 from lego_jax import config as config_lib
 from lego_jax.errors import LegoError, unknown
-from lego_jax.report import RANKING_KEYS, grid_table, plots, summary, trust_warnings
+from lego_jax.report import grid_table, plots, ranking_keys, summary, trust_warnings
 from lego_jax.unlearning.baselines import METHODS
 from lego_jax.unlearning.requests import Unlearner
 from lego_jax.workdir import Workdir, safe_name, write_json, writer_lock
@@ -74,24 +74,17 @@ def _stage(wd: Workdir, name: str, fn, progress, names):
 
 def _assess(wd: Workdir, table, backbone, names, seconds: float, original=None) -> dict:
   """Ranking metrics (with retention against the original) and both attackers' results."""
-  backbone = backbone or wd.backbone(progress=False)
+  backbone = backbone or wd.backbone()
   table = backbone.table() if table is None else table
-  res = _evaluate_with(wd, backbone, table)
-  ranking = {k: res[k] for k in RANKING_KEYS}
+  res = wd.evaluate(table, backbone=backbone)
+  ranking = {k: res[k] for k in ranking_keys(wd.config["eval"]["ks"])}
   out = {"ranking": ranking, "seconds": seconds,
          "attack": {a: wd.attack(table, a, "cv5", names)
                     for a in wd.config["run"]["attackers"]}}
   if original is not None:
-    out["retention"] = {k: ranking[k] / original["ranking"][k] if original["ranking"][k] else None
-                        for k in RANKING_KEYS}
+    out["retention"] = {k: ranking[k] / original["ranking"][k] if original["ranking"].get(k) else None
+                        for k in ranking}
   return out
-
-
-def _evaluate_with(wd: Workdir, backbone, table):
-  from lego_jax.evaluation import ranking
-  ec = wd.config["eval"]
-  return ranking.evaluate(backbone.ranking_fn(table), wd.split, ks=tuple(ec["ks"]),
-                          batch_users=ec["batch_users"])
 
 
 def train_and_evaluate(config: dict, workdir, progress: bool = True) -> dict:
@@ -123,7 +116,8 @@ def _train_and_evaluate(config: dict, workdir, progress: bool) -> dict:
   original = _stage(wd, "original", lambda: _assess(wd, None, None, names, 0.0), say, names)
   results["methods"]["original"] = original
   results["methods"]["popularity"] = _stage(
-      wd, "popularity", lambda: {"ranking": {k: wd.evaluate_popularity()[k] for k in RANKING_KEYS}},
+      wd, "popularity", lambda: {"ranking": {k: v for k, v in wd.evaluate_popularity().items()
+                                             if k in ranking_keys(config["eval"]["ks"])}},
       say, names)
   for m in methods:
     def run_method(m=m):

@@ -10,7 +10,13 @@ import pathlib
 
 import numpy as np
 
-RANKING_KEYS = ("recall@10", "ndcg@10", "hr@10", "recall@20", "ndcg@20", "hr@20")
+HEADLINE_KS = (10, 20)   # always evaluated: the tables and retention are read at these
+
+
+def ranking_keys(ks=()) -> tuple:
+  """The metric keys of an evaluation at `ks` plus the headline @10 and @20."""
+  return tuple(f"{m}@{k}" for k in sorted(set(ks) | set(HEADLINE_KS))
+               for m in ("recall", "ndcg", "hr"))
 ATTACK_KEYS = ("bacc", "macro_f1", "auc", "chance", "leakage", "ci95")
 
 

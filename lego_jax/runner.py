@@ -13,7 +13,7 @@ import numpy as np
 
 from lego_jax import config as config_lib, data
 from lego_jax.errors import LegoError
-from lego_jax.report import ATTACK_KEYS, RANKING_KEYS, digest, format_table
+from lego_jax.report import ATTACK_KEYS, digest, format_table, ranking_keys
 from lego_jax.unlearning.requests import Unlearner
 from lego_jax.workdir import Workdir, safe_name, writer_lock
 
@@ -74,19 +74,18 @@ def train(args):
 def evaluate_workdir(wd: Workdir) -> dict:
   """{"original": metrics, "popularity": metrics, "combined": metrics (when present)}."""
   u = Unlearner(wd, progress=False)
-  out = {"original": _means(wd.evaluate()), "popularity": _means(wd.evaluate_popularity())}
+  keys = ranking_keys(wd.config["eval"]["ks"])
+  means = lambda result: {k: result[k] for k in keys}
+  out = {"original": means(wd.evaluate()), "popularity": means(wd.evaluate_popularity())}
   if "combined" in u.stages():
-    out["combined"] = _means(wd.evaluate(u.table("combined")))
+    out["combined"] = means(wd.evaluate(u.table("combined")))
   return out
 
 
-def _means(result: dict) -> dict:
-  return {k: result[k] for k in RANKING_KEYS}
-
-
 def _ranking_table(stages: dict) -> str:
-  return format_table(("stage",) + RANKING_KEYS,
-                      [(s,) + tuple(m[k] for k in RANKING_KEYS) for s, m in stages.items()])
+  keys = tuple(next(iter(stages.values())))
+  return format_table(("stage",) + keys,
+                      [(s,) + tuple(m[k] for k in keys) for s, m in stages.items()])
 
 
 def evaluate(args):

@@ -168,11 +168,15 @@ def train(model: Model, split: Split, config: dict, *, ckpt_dir=None, progress: 
   best = params
   meta = {"backbone": model.name, "split": split.fingerprint, "n_users": n_users,
           "n_items": n_items, "epoch": 0, "history": [], "best_epoch": 0,
-          "best_metric": None, "bad": 0, "done": False}
+          "best_metric": None, "bad": 0, "done": False,
+          "settings": {k: config[k] for k in ("seed", "model", "train")}}
 
   if ckpt_dir is not None and checkpoint.exists(ckpt_dir):
     tree, saved = checkpoint.restore(ckpt_dir)
-    for field in ("backbone", "split", "n_users", "n_items"):
+    # "settings" is absent from checkpoints of older versions: not compared there.
+    fields = ("backbone", "split", "n_users", "n_items") + (("settings",) if "settings" in saved
+                                                            else ())
+    for field in fields:
       if saved.get(field) != meta[field]:
         raise LegoError(f"checkpoint {ckpt_dir} was made with {field}={saved.get(field)!r}, "
                         f"not {meta[field]!r}; use another workdir")

@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -305,13 +305,19 @@ class Workdir:
                                       result.aux)
     return self._backbone
 
-  def evaluate(self, table=None, stage: str = "test") -> dict:
-    """Ranking metrics with `table` as the user table (None = original); per-user values kept."""
-    bb = self.backbone(progress=False)
+  def eval_ks(self) -> tuple:
+    """`eval.ks` plus the headline 10 and 20 that every report reads."""
+    return tuple(sorted(set(self.config["eval"]["ks"]) | {10, 20}))
+
+  def evaluate(self, table=None, stage: str = "test", backbone: Optional[Backbone] = None) -> dict:
+    """Ranking metrics with `table` as the user table (None = original); per-user values kept.
+
+    `backbone` scores it (default: this workdir's; the in-training adversarial
+    baseline brings its own)."""
+    bb = backbone or self.backbone()
     table = bb.table() if table is None else table
-    ec = self.config["eval"]
-    return ranking.evaluate(bb.ranking_fn(table), self.split, stage=stage, ks=tuple(ec["ks"]),
-                            batch_users=ec["batch_users"])
+    return ranking.evaluate(bb.ranking_fn(table), self.split, stage=stage, ks=self.eval_ks(),
+                            batch_users=self.config["eval"]["batch_users"])
 
   def attack(self, table, attacker: str = "mlp", protocol: str = "cv5", names=None) -> dict:
     """Attribute-inference attack on `table` (the seed and settings of this workdir's config)."""
@@ -322,6 +328,5 @@ class Workdir:
                             config=self.config["attack"], names=names)
 
   def evaluate_popularity(self, stage: str = "test") -> dict:
-    ec = self.config["eval"]
     return ranking.evaluate(ranking.popularity_score_fn(self.split), self.split, stage=stage,
-                            ks=tuple(ec["ks"]), batch_users=ec["batch_users"])
+                            ks=self.eval_ks(), batch_users=self.config["eval"]["batch_users"])

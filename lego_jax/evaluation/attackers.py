@@ -34,7 +34,8 @@ from lego_jax.config import DEFAULTS
 from lego_jax.errors import LegoError, unknown
 from lego_jax.evaluation import classification_metrics as cm
 
-ATTACKERS = ("mlp", "linear")
+ATTACKERS = ("mlp", "linear", "knn")
+KNN_K = 15   # neighbours of the knn attacker
 PROTOCOLS = ("cv5", "paper")
 _NEG = -1e9  # logit of a padded class: exp() is exactly 0, no inf - inf NaNs
 
@@ -304,9 +305,35 @@ def train_and_predict(x, train_idx, train_y, train_w, val_w, test_idx, class_mas
   return jax.nn.softmax(_logits(final, xte) + offset)
 
 
+def knn_predict(x, train_idx, train_y, train_w, val_w, test_idx, class_mask, key, l2, lr, steps,
+                *, attacker: str = "knn", hidden: int = 0):
+  """A k-nearest-neighbour vote (`KNN_K` neighbours among the fitted rows,
+  Euclidean on standardised features): the class shares among each test row's
+  neighbours, as probabilities (Nte, Cmax). It reads local structure (users
+  surrounded by their own class) that smooth attackers miss. The signature is
+  `train_and_predict`'s, so the two share the task machinery; the training
+  budget arguments are unused.
+  """
+  del val_w, key, l2, lr, steps, attacker, hidden
+  xtr, xte = x[train_idx], x[test_idx]
+  w = train_w
+  wsum = jnp.maximum(w.sum(), 1.0)
+  mu = (w[:, None] * xtr).sum(0) / wsum
+  sd = jnp.sqrt((w[:, None] * (xtr - mu) ** 2).sum(0) / wsum + 1e-12)
+  sd = jnp.where(sd > 1e-6, sd, 1.0)
+  xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+  d2 = (jnp.sum(xte ** 2, 1)[:, None] + jnp.sum(xtr ** 2, 1)[None, :]
+        - 2.0 * _dot(xte, xtr.T))
+  d2 = jnp.where(w[None, :] > 0, d2, jnp.inf)          # padding and held-out rows are no neighbours
+  _, nn = jax.lax.top_k(-d2, KNN_K)
+  votes = jax.nn.one_hot(train_y[nn], class_mask.shape[0]).sum(1)
+  return votes / KNN_K
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(attacker: str, hidden: int, vmapped: bool, per_task_table: bool = False):
-  fn = functools.partial(train_and_predict, attacker=attacker, hidden=hidden)
+  fn = functools.partial(knn_predict if attacker == "knn" else train_and_predict,
+                         attacker=attacker, hidden=hidden)
   if vmapped:
     x_axis = 0 if per_task_table else None
     fn = jax.vmap(fn, in_axes=(x_axis, 0, 0, 0, 0, 0, 0, 0, None, None, None))

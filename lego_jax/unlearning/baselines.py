@@ -16,7 +16,7 @@ import numpy as np
 from lego_jax import models, training
 from lego_jax.unlearning import calibration, leace as leace_lib
 from lego_jax.unlearning.requests import Unlearner, attribute_key
-from lego_jax.workdir import Backbone, Workdir
+from lego_jax.workdir import Backbone, Workdir, safe_name
 
 
 class Outcome(NamedTuple):
@@ -93,7 +93,10 @@ def adversarial(wd: Workdir, names):
   base = models.get(cfg["model"]["name"], cfg["model"], cfg["train"])
   model = adv.make(base, jnp.asarray(labels), num_classes, weight=cfg["run"]["adversarial_weight"],
                    objective=cfg["run"]["adversarial_objective"])
-  result = training.train(model, wd.split, cfg, ckpt_dir=wd.path / "methods" / "adversarial"
+  # One folder per setting: a model trained with another weight or objective
+  # must not be reported under this one's name.
+  key = safe_name(f"{cfg['run']['adversarial_objective']}-w{cfg['run']['adversarial_weight']:g}")
+  result = training.train(model, wd.split, cfg, ckpt_dir=wd.path / "methods" / "adversarial" / key
                           / "backbone", progress=False)
   bb = Backbone.build(model, jax.tree.map(jnp.asarray, result.params), result.aux)
   return bb.table(), bb

@@ -160,14 +160,14 @@ class Unlearner:
     return calibration.Spec.from_config(cfg, self.num_classes(), chunk=self.cfg["ckpt_every"])
 
   # ---- the closed loop ---------------------------------------------------
-  def _read(self, tables, names) -> control.Reading:
+  def _read(self, tables, names, probes=None) -> control.Reading:
     """The steering probes on `tables` (see `control.read`). Their folds come
     from a seed of their own, so the evaluation's attack is not the one steered."""
     labels, num_classes = self.wd.labels(names)
     cfg = {**self.wd.config["attack"], "folds": int(self.cfg["probe_folds"])}
     seed = int(attribute_key(self.wd.config["seed"], "control")[-1]) % (2 ** 31)
-    return control.read(tables, labels, num_classes, probes=self.cfg["probes"], seed=seed,
-                        config=cfg, names=names)
+    return control.read(tables, labels, num_classes, probes=probes or self.cfg["probes"],
+                        seed=seed, config=cfg, names=names)
 
   def _say(self, text: str) -> None:
     if self.progress:
@@ -210,8 +210,8 @@ class Unlearner:
                             batch_users=self.wd.config["eval"]["batch_users"])["ndcg@10"]
 
   def _control_combination(self, active, table_at) -> tuple[np.ndarray, dict]:
-    """Gains on the active bricks' coefficients so that every active attribute
-    reads within the target on the combined table, above the utility floor.
+    """The combined table: gains on the active bricks' parts so that every
+    active attribute reads within the target, above the utility floor.
 
     Where both cannot hold, the best table that keeps the floor is kept and
     the report says which attribute is left, how far, at what retention.
@@ -219,7 +219,7 @@ class Unlearner:
     k = len(active)
     tol, floor = float(self.cfg["target_leakage"]), float(self.cfg["min_retention"])
     if self.cfg["control"] == "none" or not k:
-      return np.ones((k, 2)), {}
+      return table_at(np.ones((k, 2))), {}
     gains, history = self._solve(lambda g: self._read(table_at(g), active), active, False)
     original = self._valid_ndcg(np.asarray(self.target().e0))
     retention = lambda g: self._valid_ndcg(table_at(g)) / original if original else 1.0
@@ -244,8 +244,9 @@ class Unlearner:
         warnings.append(f"{name}: {reading.probes[p]} probe reads {reading.signed[p, a]:+.3f} "
                         f"(95% interval {reading.lo[p, a]:+.3f}..{reading.hi[p, a]:+.3f}), "
                         f"target within {tol:.3f} of chance, at retention {ret:.3f}")
-    return gains, {"gains": {a: [float(x) for x in g] for a, g in zip(active, gains)},
-                   "leakage": reading.report(active), "retention_valid": float(ret),
+    return table_at(gains), {
+        "gains": {a: [float(x) for x in g] for a, g in zip(active, gains)},
+        "leakage": reading.report(active), "retention_valid": float(ret),
                    "within_target": not warnings, "warnings": warnings,
                    "control_steps": len(history)}
 
@@ -370,8 +371,8 @@ class Unlearner:
                           + combination.combine(w, jnp.zeros_like(e0), rest, mask, spec.mode,
                                                 gains[:, 1]))
 
-      g, report = self._control_combination(active, table_at)
-      table, weights, names = table_at(g), np.asarray(w), order
+      table, report = self._control_combination(active, table_at)
+      weights, names = np.asarray(w), order
     checkpoint.save(self.wd.path / "combination", {"table": table, "weights": weights},
                     {"active": active, "bricks": names, "mode": self.wd.config["combine"]["mode"],
                      "created": _now(), **report, **self._identity()})
