@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax.config import DEFAULTS  # noqa: E402
 from lego_jax.unlearning import calibration, combination  # noqa: E402
-from lego_jax.unlearning.requests import attribute_key  # noqa: E402
+from lego_jax.requests import attribute_key  # noqa: E402
 
 CLASSES = [2, 7, 21, 4, 3, 5, 10, 2]
 

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax.errors import LegoError  # noqa: E402
-from lego_jax.unlearning.requests import Unlearner  # noqa: E402
+from lego_jax.requests import Unlearner  # noqa: E402
 from lego_jax.workdir import Workdir  # noqa: E402
 
 

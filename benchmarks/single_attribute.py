@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks.judge import judge  # noqa: E402
 from lego_jax import config as config_lib  # noqa: E402
 from lego_jax.data import load_dataset, split_dataset  # noqa: E402
-from lego_jax.unlearning.requests import Unlearner  # noqa: E402
+from lego_jax.requests import Unlearner  # noqa: E402
 from lego_jax.workdir import Workdir  # noqa: E402
 
 EPOCHS = {"ml-1m": 60, "ml-100k": 100}

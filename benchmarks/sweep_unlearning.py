@@ -34,7 +34,7 @@ import jax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax import config as config_lib  # noqa: E402
 from lego_jax.errors import LegoError  # noqa: E402
-from lego_jax.unlearning.requests import Unlearner  # noqa: E402
+from lego_jax.requests import Unlearner  # noqa: E402
 from lego_jax.workdir import IDENTITY, Workdir  # noqa: E402
 
 

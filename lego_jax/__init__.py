@@ -17,7 +17,7 @@ from lego_jax.data import Dataset, Split, describe, load_dataset, split_dataset
 from lego_jax.errors import LegoError
 from lego_jax.evaluation import attack, evaluate
 from lego_jax.experiment import train_and_evaluate
-from lego_jax.unlearning import Unlearner
+from lego_jax.requests import Unlearner
 from lego_jax.workdir import Backbone, Workdir
 
 __version__ = "0.1.0"

@@ -83,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
         "lam_rank": 300.0,        # weight of the top-T hinge (in units of the score spread)
         # The pull toward the original row keeps a brick to what its attribute
         # needs: without it the minibatch noise of the MI estimate drifts every
-        # row, and three bricks' drifts add up (README, "Utility").
+        # row, and three bricks' drifts add up (docs/findings.md, "Utility").
         "l2": 10.0,
         # Class-stratified minibatch: `batch_users` users where > 0, else
         # `batch_fraction` of them. Steps that see every user overshoot below
@@ -98,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
         # own permuted-label level (`stop`). The class means are measured by a
         # linear kernel and the RBF kernels see class-centred rows (`centre`),
         # so removing a nonlinear signal cannot over-balance the means, which
-        # is what sent the linear probe below chance (README, over-unlearning).
+        # is what sent the linear probe below chance (docs/findings.md, over-unlearning).
         "linear_kernel": True,
         "linear_scope": "batch",  # batch | population (the linear kernel over every user)
         "centre": True,
@@ -299,7 +299,7 @@ LINEAR_SCOPES = ("batch", "population")                    # unlearning.calibrat
 COMBINE_MODES = ("dim", "scalar", "convex")                # unlearning.combination.MODES
 COMBINE_INITS = ("uniform", "ones")                        # unlearning.combination.INITS
 ATTACKERS = ("mlp", "linear", "knn")                       # evaluation.attackers.ATTACKERS
-ADVERSARIAL_OBJECTIVES = ("reverse", "confusion")          # models.adversarial.OBJECTIVES
+ADVERSARIAL_OBJECTIVES = ("reverse", "confusion")          # unlearning.adversarial.OBJECTIVES
 RANKING_METRICS = ("recall", "ndcg", "hr")                 # evaluation.ranking.METRICS
 
 

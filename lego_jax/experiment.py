@@ -19,8 +19,8 @@ import time
 from lego_jax import config as config_lib
 from lego_jax.errors import LegoError, unknown
 from lego_jax.report import grid_table, plots, ranking_keys, summary, trust_warnings
-from lego_jax.unlearning.baselines import METHODS
-from lego_jax.unlearning.requests import Unlearner
+from lego_jax.methods import METHODS
+from lego_jax.requests import Unlearner
 from lego_jax.workdir import Workdir, safe_name, write_json, writer_lock
 
 # Config sections a stage's stored outcome depends on beyond the workdir's
@@ -139,7 +139,7 @@ def _train_and_evaluate(config: dict, workdir, progress: bool) -> dict:
 
 def _sweep(wd: Workdir, names, values, original, say) -> list[dict]:
   """LEGO with each ranking weight in `values`, in sub-workdirs sharing the backbone."""
-  from lego_jax.unlearning.baselines import lego
+  from lego_jax.methods import lego
   out = []
   for v in values:
     cfg = copy.deepcopy(wd.config)

@@ -14,7 +14,7 @@ import numpy as np
 from lego_jax import config as config_lib, data
 from lego_jax.errors import LegoError
 from lego_jax.report import ATTACK_KEYS, digest, format_table, ranking_keys
-from lego_jax.unlearning.requests import Unlearner
+from lego_jax.requests import Unlearner
 from lego_jax.workdir import Workdir, safe_name, writer_lock
 
 

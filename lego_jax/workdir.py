@@ -3,7 +3,7 @@
   config.json        the resolved config (identity fields fixed at creation)
   data.json          dataset and split fingerprints, sizes
   backbone/          Orbax: trained params, optimiser state, epoch (lego_jax.training)
-  bricks/<attr>/     Orbax: one calibrated attribute (lego_jax.unlearning.requests)
+  bricks/<attr>/     Orbax: one calibrated attribute (lego_jax.requests)
   combination/       Orbax: weights, active set, final table
   results.json, report.md, *.png   (lego_jax.runner)
 

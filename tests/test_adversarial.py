@@ -15,7 +15,7 @@ from lego_jax.data.load import load_dataset
 from lego_jax.data.split import split_dataset
 from lego_jax.errors import LegoError
 from lego_jax.evaluation.attackers import attack
-from lego_jax.models import adversarial
+from lego_jax.unlearning import adversarial
 
 EPOCHS = 20
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lego_jax import cli, experiment
-from lego_jax.unlearning import baselines
+from lego_jax import methods as baselines
 from tests.conftest import tiny_config
 
 

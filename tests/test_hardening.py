@@ -88,7 +88,7 @@ def test_name_lists_agree_with_the_modules_that_use_them():
   # config must not import the JAX modules, so it repeats their name lists.
   from lego_jax import models
   from lego_jax.evaluation import attackers, ranking
-  from lego_jax.models import adversarial
+  from lego_jax.unlearning import adversarial
   from lego_jax.unlearning import calibration, calibrators, combination, losses
   assert config_lib.MODEL_NAMES == models.NAMES
   assert config_lib.LOSSES == calibration.LOSSES

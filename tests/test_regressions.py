@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 
 from lego_jax import experiment
-from lego_jax.unlearning import baselines
+from lego_jax import methods as baselines
 from lego_jax.workdir import Workdir
 from tests.conftest import tiny_config
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lego_jax import checkpoint, cli
-from lego_jax.unlearning.requests import IN_PROGRESS, Unlearner
+from lego_jax.requests import IN_PROGRESS, Unlearner
 from lego_jax.workdir import Workdir, safe_name
 from tests.conftest import tiny_config
 

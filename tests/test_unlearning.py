@@ -11,7 +11,7 @@ import pytest
 from lego_jax import checkpoint
 from lego_jax.errors import LegoError
 from lego_jax.unlearning import calibration, combination, losses
-from lego_jax.unlearning.requests import IN_PROGRESS, Unlearner, attribute_key
+from lego_jax.requests import IN_PROGRESS, Unlearner, attribute_key
 from lego_jax.workdir import Workdir
 
 

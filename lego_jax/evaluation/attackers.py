@@ -8,7 +8,7 @@ large negative logit) and trained by one `jax.vmap`-ed, jitted function, so
 three attributes x five folds is a single compiled program.
 
 Leakage is |BAcc - chance|, two-sided: an attacker that is reliably *wrong*
-has learned the attribute as well (DESIGN.md section 7).
+has learned the attribute as well (docs/method.md, evaluation).
 
 Budget: full-batch Adam for `steps` steps at lr 1e-2. Tuned on ML-1M-shaped
 planted signals (6040 x 64; `benchmarks/bench_attack.py --grid`, whose

@@ -93,7 +93,7 @@ def macro_auc_ovr(y_true, probs) -> float:
 
 
 def leakage(bacc: float, num_classes: int) -> float:
-  """|BAcc - 1/C|: below chance is leakage too (DESIGN.md section 7)."""
+  """|BAcc - 1/C|: below chance is leakage too (docs/method.md, evaluation)."""
   return abs(float(bacc) - 1.0 / num_classes)
 
 

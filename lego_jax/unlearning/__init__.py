@@ -1,6 +1,7 @@
-"""Unlearning: LEGO (calibration, combination, requests) and the baselines."""
+"""Unlearning algorithms (the pure core): LEGO's calibration, combination and
+closed-loop control, their losses, and the baselines' algorithms. The
+stateful side (a workdir's bricks and requests) is `lego_jax.requests`."""
 
-from lego_jax.unlearning import calibration, calibrators, combination, losses
-from lego_jax.unlearning.requests import Unlearner
+from lego_jax.unlearning import calibration, calibrators, combination, control, losses
 
-__all__ = ["Unlearner", "calibration", "calibrators", "combination", "losses"]
+__all__ = ["calibration", "calibrators", "combination", "control", "losses"]

@@ -6,7 +6,7 @@ Each is a NamedTuple of pure functions (optax style):
 
 `table` is a free per-user offset (E = E0 + delta). `residual` is one small
 shared map e -> e + g(e): it cannot write a user's own label into that user's
-row, which is what makes a free table overshoot below chance (DESIGN.md §7),
+row, which is what makes a free table overshoot below chance (docs/findings.md),
 and it applies unchanged to users who arrive after calibration.
 """
 

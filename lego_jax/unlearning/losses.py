@@ -84,7 +84,7 @@ def mmd_mi(e, y, m, num_classes: int, kernel=None) -> jax.Array:
   """MI surrogate: sum_c pi_c MMD^2(class c, marginal) with a multi-bandwidth RBF.
 
   Zero exactly when every class-conditional distribution equals the marginal,
-  which is the MI-zero condition of DESIGN.md §3.
+  which is the condition for zero mutual information.
   """
   k = rbf_kernel(e, m) if kernel is None else kernel
   w, pi = class_weights(y, m, num_classes)
@@ -199,7 +199,7 @@ def excess_mi(mi, null, stop: str = "null", hinge: str = "kernel") -> jax.Array:
   estimate below its null means the classes are *more* alike than random
   labels would make them, which is how exact balancing shows up: held-out
   users then land on the other side and an attacker scores below chance
-  (DESIGN.md §7). `hinge="kernel"` applies the rule to each kernel,
+  (docs/findings.md). `hinge="kernel"` applies the rule to each kernel,
   `"sum"` to their sum.
   """
   if hinge == "sum":
@@ -238,7 +238,7 @@ def rank_hinge(scores: jax.Array, margin: float, guard: int = 0) -> jax.Array:
   1..T + guard under the original model. The first T must keep their order;
   the `guard` items after them (the next ones down the original ranking) must
   stay below the T-th. Most items that enter a calibrated user's top-10 come
-  from just outside the original top-T (README), which adjacent pairs within
+  from just outside the original top-T (docs/findings.md), which adjacent pairs within
   it cannot see. Returns the mean hinge over users and pairs (PoT-AU summed
   it; the mean keeps the weight comparable across datasets).
   """

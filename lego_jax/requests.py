@@ -1,6 +1,6 @@
 """Dynamic unlearning requests over a workdir: calibrate, combine, add, withdraw.
 
-State lives in the workdir (DESIGN.md §6): one Orbax checkpoint per brick
+State lives in the workdir: one Orbax checkpoint per brick
 (`bricks/<attr>/`) and one for the combination (`combination/`). A request
 calibrates only attributes that have no brick yet (vmapped together), then
 re-combines; withdrawing only re-combines. A calibration in progress is

@@ -1,4 +1,4 @@
-"""LEGO and the baselines of DESIGN.md §8 behind one interface.
+"""LEGO and the baselines behind one interface, on a workdir (the stateful shell).
 
 Each method is `method(workdir, attributes) -> Outcome`: the unlearned user
 table and the backbone that scores it (the original one, except for
@@ -15,7 +15,7 @@ import numpy as np
 
 from lego_jax import models, training
 from lego_jax.unlearning import calibration, leace as leace_lib
-from lego_jax.unlearning.requests import Unlearner, attribute_key
+from lego_jax.requests import Unlearner, attribute_key
 from lego_jax.workdir import Backbone, Workdir, safe_name
 
 
@@ -87,7 +87,7 @@ def leace(wd: Workdir, names):
 @_timed
 def adversarial(wd: Workdir, names):
   """In-training adversarial learning: one gradient-reversal head per attribute."""
-  from lego_jax.models import adversarial as adv
+  from lego_jax.unlearning import adversarial as adv
   cfg = wd.config
   labels, num_classes = wd.labels(names)
   base = models.get(cfg["model"]["name"], cfg["model"], cfg["train"])
