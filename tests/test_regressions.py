@@ -7,7 +7,7 @@ import numpy as np
 from lego_jax import experiment
 from lego_jax import methods as baselines
 from lego_jax.workdir import Workdir
-from tests.conftest import tiny_config
+from tests.conftest import TINY, tiny_config
 
 
 def test_main_job_runs_with_other_ranking_cutoffs(tmp_path):
@@ -31,3 +31,34 @@ def test_adversarial_baseline_is_keyed_on_its_settings(fresh_workdir, tmp_path):
   again = baselines.adversarial(Workdir.open(fresh_workdir, ["run.adversarial_weight=1.0"]),
                                 ["gender"]).table
   np.testing.assert_array_equal(first, again)   # the first one's checkpoint is reused
+
+
+def _results(orig_ndcg, pop_ndcg, ci_half, batch_users, users=300):
+  attack = {"gender": {"ci95": [0.5 - ci_half, 0.5 + ci_half], "n": 100, "leakage": 0.0,
+                       "bacc": 0.5, "chance": 0.5}}
+  config = tiny_config()
+  config["unlearn"]["batch_users"] = batch_users
+  return {"attributes": ["gender"], "users": users, "config": config,
+          "methods": {"original": {"ranking": {"ndcg@10": orig_ndcg}, "attack": {"mlp": attack}},
+                      "popularity": {"ranking": {"ndcg@10": pop_ndcg}}}}
+
+
+def test_trust_warnings_say_where_numbers_cannot_be_trusted():
+  from lego_jax.report import trust_warnings
+  assert trust_warnings(_results(0.30, 0.10, 0.02, 0)) == []
+  words = " ".join(trust_warnings(_results(0.035, 0.056, 0.07, 1024)))
+  assert "worse than item popularity" in words
+  assert "gender: the attackers' 95% interval is ±0.070" in words
+  assert "covers all 300 users" in words
+
+
+def test_run_ends_with_results_files_and_verdict(tmp_path, capsys):
+  from lego_jax import cli
+  sets = TINY + ['run.methods=["leace"]', 'run.attackers=["linear"]']
+  code = cli.main(["run", "--workdir", str(tmp_path / "r")]
+                  + [a for s in sets for a in ("--set", s)])
+  out = capsys.readouterr().out
+  assert code == 0
+  assert "| leace" in out and "max leakage (linear)" in out
+  assert f"wrote {tmp_path / 'r' / 'results.json'}" in out
+  assert "Config:" not in out and len(out.splitlines()) < 20
