@@ -119,6 +119,7 @@ DEFAULTS: dict[str, Any] = {
         "min_retention": 0.95,    # utility floor: validation NDCG@10 after / before
         "probes": ["linear", "mlp"],  # steering attackers (the `attack` settings)
         "probe_folds": 3,
+        "probe_repeats": 0,       # fold splits averaged per reading; 0 = about 4000 users scored
         "control_rounds": 4,      # search rounds; each reads the probes on two tables
         "max_gain": 4.0,          # how far a move that stopped short may be extended
         # Per-attribute values of the weights above, keyed by attribute name,
@@ -409,6 +410,7 @@ CONSTRAINTS = {
     "unlearn.min_retention": _range(0, 1),
     "unlearn.probes": _each(_one_of(*ATTACKERS), at_least=1),
     "unlearn.probe_folds": _range(2, integer=True),
+    "unlearn.probe_repeats": NON_NEGATIVE_INT,
     "unlearn.control_rounds": POSITIVE_INT,
     "unlearn.max_gain": _range(1),
     "unlearn.topk": POSITIVE_INT,
