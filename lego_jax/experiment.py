@@ -122,6 +122,7 @@ def _train_and_evaluate(config: dict, workdir, progress: bool) -> dict:
   for m in methods:
     def run_method(m=m):
       out = METHODS[m](wd, names)
+      say(f"method:{m}: ranking metrics and {', '.join(config['run']['attackers'])} attacks")
       res = _assess(wd, out.table, out.backbone, names, out.seconds, original)
       if m == "lego":   # what the closed loop read and whether it reached its target
         res["control"] = Unlearner(wd, progress=False).status().get("combination")

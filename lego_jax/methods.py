@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from lego_jax import models, training
 from lego_jax.unlearning import calibration, leace as leace_lib
@@ -37,14 +38,18 @@ def _timed(fn: Callable) -> Callable:
   return run
 
 
-def _one_table(wd: Workdir, u: Unlearner, target, labels, key):
-  """A single free table optimised for every attribute in `labels` at once."""
+def _one_table(wd: Workdir, u: Unlearner, target, labels, key, what: str):
+  """A single free table optimised for every attribute in `labels` at once
+  (labels (A, n), or (n,) for one), with a progress bar over its chunks."""
   spec = u.spec()
   # One table serves every attribute, so it takes the section's values, not per-attribute ones.
-  hp = jax.tree.map(lambda x: x[0], calibration.HParams.from_config(u.cfg, [None]))
-  brick, _, _ = calibration.jit_calibrate_one(target, jnp.asarray(labels), hp, key, spec=spec,
-                                              score_fn=wd.backbone(progress=False).score)
-  return target.e0 + brick
+  hp = calibration.HParams.from_config(u.cfg, [None])
+  bar = tqdm(total=spec.steps, desc=what, disable=not u.progress, leave=False)
+  on_chunk = lambda state: bar.update(int(state.step[0]) - bar.n)
+  bricks, _, _ = calibration.calibrate(target, jnp.asarray(labels)[None], hp, key[None],
+                                       spec=spec, score_fn=wd.backbone().score, on_chunk=on_chunk)
+  bar.close()
+  return target.e0 + bricks[0]
 
 
 @_timed
@@ -60,7 +65,7 @@ def joint(wd: Workdir, names):
   u = Unlearner(wd)
   labels, _ = wd.labels(names)
   key = attribute_key(wd.config["seed"], "joint:" + ",".join(names))
-  return _one_table(wd, u, u.target(), labels, key), wd.backbone(progress=False)
+  return _one_table(wd, u, u.target(), labels, key, "joint"), wd.backbone(progress=False)
 
 
 @_timed
@@ -69,10 +74,11 @@ def sequential(wd: Workdir, names):
   u = Unlearner(wd)
   target = u.target()
   table = target.e0
-  for name in names:
+  for i, name in enumerate(names):
     labels, _ = wd.labels([name])
     table = _one_table(wd, u, target._replace(e0=table), labels[0],
-                       attribute_key(wd.config["seed"], "sequential:" + name))
+                       attribute_key(wd.config["seed"], "sequential:" + name),
+                       f"sequential {i + 1}/{len(names)}: {name}")
   return table, wd.backbone(progress=False)
 
 

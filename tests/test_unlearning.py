@@ -1,5 +1,6 @@
 """LEGO unlearning: losses, vmapped calibration, combination, requests, persistence."""
 
+import dataclasses
 import os
 
 import chex
@@ -358,6 +359,14 @@ def test_joint_labels_sum_attributes_in_one_table():
                                               attribute_key(0, "joint"), spec=SPEC, score_fn=score)
   chex.assert_shape(brick, target.e0.shape)
   chex.assert_shape(trace.mi, (SPEC.steps, 2))
+  # The joint baseline runs it chunked (one table of A attributes, with a
+  # progress bar between chunks): the same table.
+  chunked = dataclasses.replace(SPEC, chunk=3)
+  bricks, state, _ = calibration.calibrate(target, jnp.asarray(labels)[None], hparams(1),
+                                           attribute_key(0, "joint")[None], spec=chunked,
+                                           score_fn=score)
+  chex.assert_trees_all_close(bricks[0], brick, atol=1e-5)
+  assert int(state.step[0]) == SPEC.steps
 
 
 def test_spec_rejects_unknown_options():

@@ -256,9 +256,9 @@ def calibrate_one(target: Target, y, hp: HParams, key, *, spec: Spec, score_fn: 
   return brick(state, e0, spec), state, trace
 
 
-# Compiled once per spec and backbone: the joint and sequential baselines (and
-# benchmarks) call one calibration directly, which run eagerly would re-trace
-# and re-compile its scan on every call.
+# Compiled once per spec and backbone, for callers (benchmarks) that run one
+# calibration directly: run eagerly it would re-trace and re-compile its scan
+# on every call.
 jit_calibrate_one = jax.jit(calibrate_one, static_argnames=("spec", "score_fn"))
 
 
@@ -286,16 +286,18 @@ def _bricks(states, e0, *, spec):
 def calibrate(target: Target, labels, hps: HParams, keys, *, spec: Spec, score_fn: ScoreFn,
               state: Optional[State] = None,
               on_chunk: Optional[Callable[[State], None]] = None) -> tuple[jax.Array, State, Trace]:
-  """All attributes at once: labels (K, n), hps leaves (K,), keys (K, 2).
+  """All attributes at once: labels (K, n), hps leaves (K,), keys (K, 2). Labels
+  (K, A, n) make each of the K tables serve A attributes at once (the joint
+  baseline).
 
   Returns bricks (K, n, D), the final stacked State and the Trace of the last
   chunk (K, chunk). A `state` from an interrupted run continues it; `on_chunk`
   is called with the state after every chunk (to checkpoint it).
   """
   labels = jnp.asarray(labels, jnp.int32)
-  chex.assert_rank(labels, 2)
+  chex.assert_rank(labels, {2, 3})   # (K, n), or (K, A, n): A attributes in each table (joint)
   chex.assert_equal_shape_prefix([labels, keys], 1)
-  chex.assert_axis_dimension(labels, 1, target.e0.shape[0])
+  chex.assert_axis_dimension(labels, -1, target.e0.shape[0])
   if state is None:
     state = init_states(keys, target.e0, hps.lr, spec=spec)
   chunk = spec.chunk if 0 < spec.chunk < spec.steps else max(spec.steps, 1)
