@@ -133,7 +133,7 @@ def test_train_and_predict_ignores_padding():
                               atol=1e-6)
 
 
-@pytest.mark.parametrize("attacker", ["mlp", "linear"])
+@pytest.mark.parametrize("attacker", ["mlp", "linear", "knn"])
 def test_gaussian_noise_leaks_nothing(attacker):
   x, y, classes = _data(n=2000, dim=16)
   out = attack_lib.attack(x, y, classes, attacker=attacker, seed=0)
@@ -146,7 +146,7 @@ def test_gaussian_noise_leaks_nothing(attacker):
     assert all(isinstance(v, float) for k, v in r.items() if k not in ("n", "folds", "ci95"))
 
 
-@pytest.mark.parametrize("attacker", ["mlp", "linear"])
+@pytest.mark.parametrize("attacker", ["mlp", "linear", "knn"])
 def test_planted_signal_is_found(attacker):
   x, y, classes = _data(shift=1.0)
   out = attack_lib.attack(x, y, classes, attacker=attacker, config={"steps": 100},
@@ -154,6 +154,22 @@ def test_planted_signal_is_found(attacker):
   for name, r in out.items():
     assert r["bacc"] > r["chance"] + 0.2, (name, r)
     assert r["auc"] > 0.7, (name, r)
+
+
+def test_knn_reads_local_structure_a_linear_probe_cannot():
+  # Classes in interleaved small clusters: the class means are equal, but
+  # every user's neighbours share its class.
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(40, 8)) * 3.0
+  which = rng.integers(0, 40, 2000)
+  x = (centres[which] + 0.3 * rng.normal(size=(2000, 8))).astype(np.float32)
+  y = (which % 2)[None].astype(np.int64)
+  knn = attack_lib.attack(x, y, [2], attacker="knn")["attr0"]
+  lin = attack_lib.attack(x, y, [2], attacker="linear")["attr0"]
+  assert knn["bacc"] > 0.9 and lin["leakage"] < knn["leakage"] - 0.15
+  # One compiled program for every task equals the per-task loop.
+  looped = attack_lib.attack(x, y, [2], attacker="knn", vmap=False)["attr0"]
+  assert looped["bacc"] == pytest.approx(knn["bacc"])
 
 
 def test_early_stopping_option_finds_signal():
@@ -223,7 +239,7 @@ def test_paper_protocol():
 
 def test_bad_input_raises_lego_error():
   x, y, classes = _data(n=100, dim=4, classes=(2,))
-  with pytest.raises(LegoError, match="valid: linear, mlp"):
+  with pytest.raises(LegoError, match="valid: knn, linear, mlp"):
     attack_lib.attack(x, y, classes, attacker="svm")
   with pytest.raises(LegoError, match="valid: cv5, paper"):
     attack_lib.attack(x, y, classes, protocol="loo")
