@@ -118,7 +118,7 @@ DEFAULTS: dict[str, Any] = {
         "target_leakage": 0.01,   # |BAcc - chance| the loop aims for, per attribute and probe
         "min_retention": 0.95,    # utility floor: validation NDCG@10 after / before
         "probes": ["linear", "mlp"],  # steering attackers (the `attack` settings)
-        "probe_folds": 3,
+        "probe_folds": 5,         # as the attackers that judge: the below-chance artifact depends on it
         "probe_repeats": 0,       # fold splits averaged per reading; 0 = about 4000 users scored
         "control_rounds": 4,      # search rounds; each reads the probes on two tables
         "max_gain": 4.0,          # how far a move that stopped short may be extended
