@@ -89,6 +89,9 @@ def _assess(wd: Workdir, table, backbone, names, seconds: float, original=None) 
 
 def train_and_evaluate(config: dict, workdir, progress: bool = True) -> dict:
   """The whole pipeline; returns the results dict also written to results.json."""
+  for m in config["run"]["methods"]:   # refused before anything is written
+    if m not in METHODS:
+      raise unknown("method", m, METHODS)
   with writer_lock(workdir):
     return _train_and_evaluate(config, workdir, progress)
 
@@ -97,9 +100,6 @@ def _train_and_evaluate(config: dict, workdir, progress: bool) -> dict:
   say = (lambda s: print(f"[lego-jax] {s}", file=sys.stderr, flush=True)) if progress else (
       lambda s: None)
   methods = list(config["run"]["methods"])
-  for m in methods:
-    if m not in METHODS:
-      raise unknown("method", m, METHODS)
   wd = Workdir.create(workdir, config)
   names = list(config["unlearn"]["attributes"]) or wd.attribute_names()
   wd.labels(names)  # unknown attributes fail here, before any training

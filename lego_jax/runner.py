@@ -60,13 +60,10 @@ def inspect_data(args):
 
 
 # ---- backbone and evaluation ------------------------------------------------
-def open_or_create(args) -> Workdir:
-  return Workdir.create(args.workdir, _resolve(args, getattr(args, "config", None)))
-
-
 def train(args):
+  config = _resolve(args, getattr(args, "config", None))   # refused before anything is written
   with writer_lock(args.workdir):
-    wd = open_or_create(args)
+    wd = Workdir.create(args.workdir, config)
     wd.train()
     return evaluate_workdir(wd), False, _ranking_table
 

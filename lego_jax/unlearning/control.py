@@ -136,8 +136,9 @@ def solve(read_fn: Callable[[np.ndarray], Reading], k: int, *, tol: float, max_g
   joint step read is kept. Returns the gains and every step read.
   """
   g = np.ones((k, 2))
-  steps = np.full((k, 2), float(step))
   centre = read_fn(g.copy())
+  # Far from chance, the minimum is likely far from 1 too: start with twice the step.
+  steps = np.repeat(np.where(centre.worst() > 0.05, 2 * step, step)[:, None], 2, 1)
   history = [Step(g.copy(), centre)]
   groups = channels(centre.probes)
   part = lambda reading, c: np.abs(reading.signed[groups[c]]).max(0)   # (K,) its probes' worst
