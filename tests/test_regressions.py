@@ -62,3 +62,18 @@ def test_run_ends_with_results_files_and_verdict(tmp_path, capsys):
   assert "| leace" in out and "max leakage (linear)" in out
   assert f"wrote {tmp_path / 'r' / 'results.json'}" in out
   assert "Config:" not in out and len(out.splitlines()) < 20
+
+
+def test_long_stages_say_what_they_do(fresh_workdir, capsys):
+  # Requests ran for minutes without a word: calibration has a bar, and the
+  # combination and every probe reading of the closed loop a line each.
+  from lego_jax.requests import Unlearner
+  u = Unlearner(Workdir.open(fresh_workdir), progress=True)
+  u.unlearn(["gender"])
+  err = capsys.readouterr().err
+  assert "calibrating gender" in err and "combining gender" in err
+  assert "control, bricks: gender" in err and "control, combined table: gender" in err
+  from lego_jax import methods
+  methods.sequential(Workdir.open(fresh_workdir), ["gender", "age"])
+  err = capsys.readouterr().err
+  assert "sequential 1/2: gender" in err and "sequential 2/2: age" in err
