@@ -254,6 +254,7 @@ class Unlearner:
       warnings.append(f"the utility floor (validation NDCG@10 retention {floor:.2f}) was binding: "
                       f"kept the table at retention {ret:.3f}")
     reading = control.reading_at(history, gains, False)
+    within = bool(np.all(reading.worst() <= tol))
     for a, name in enumerate(active):
       if reading.worst()[a] > tol:
         p = int(np.argmax(np.abs(reading.signed[:, a])))
@@ -263,8 +264,7 @@ class Unlearner:
     return table_at(gains), {
         "gains": {a: [float(x) for x in g] for a, g in zip(active, gains)},
         "leakage": reading.report(active), "retention_valid": float(ret),
-                   "within_target": not warnings, "warnings": warnings,
-                   "control_steps": len(history)}
+        "within_target": within, "warnings": warnings, "control_steps": len(history)}
 
   def target(self) -> calibration.Target:
     """E0, each user's original top-(T + guard) list and the score scale (computed once)."""
