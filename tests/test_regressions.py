@@ -1,6 +1,5 @@
 """Regression tests for bugs found by reading the code."""
 
-import shutil
 
 import numpy as np
 

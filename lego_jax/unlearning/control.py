@@ -32,7 +32,7 @@ trained from scratch with other seeds and other model families
 (`benchmarks/judge.py`).
 """
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
