@@ -243,13 +243,13 @@ class Unlearner:
     warnings = []
     if ret < floor:   # the steps read, closest to chance first, until one keeps the floor
       tried = [(gains, ret)]
-      for step in sorted(history, key=lambda s: s.reading.worst().max())[:4]:
+      for step in sorted(history, key=lambda s: control.score(s.reading))[:4]:
         if not any(np.array_equal(step.gains, g) for g, _ in tried):
           tried.append((step.gains, retention(step.gains)))
         if tried[-1][1] >= floor:
           break
       ok = [t for t in tried if t[1] >= floor]
-      worst = lambda t: control.reading_at(history, t[0], False).worst().max()
+      worst = lambda t: control.score(control.reading_at(history, t[0], False))
       gains, ret = min(ok, key=worst) if ok else max(tried, key=lambda t: t[1])
       warnings.append(f"the utility floor (validation NDCG@10 retention {floor:.2f}) was binding: "
                       f"kept the table at retention {ret:.3f}")

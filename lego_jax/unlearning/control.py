@@ -111,7 +111,7 @@ def _merge(old: Reading, new: Reading, take: np.ndarray) -> Reading:
                  old.probes)
 
 
-def _score(reading: Reading) -> float:
+def score(reading: Reading) -> float:
   """How far a joint step is from chance: the mean over attributes of the worst probe."""
   return float(reading.worst().mean())
 
@@ -169,7 +169,7 @@ def solve(read_fn: Callable[[np.ndarray], Reading], k: int, *, tol: float, max_g
     history.append(Step(g.copy(), read_fn(g.copy())))
   if independent:
     return g, history
-  return min(history, key=lambda s: _score(s.reading)).gains, history
+  return min(history, key=lambda s: score(s.reading)).gains, history
 
 
 def reading_at(history: Sequence[Step], gains: np.ndarray, independent: bool) -> Reading:
