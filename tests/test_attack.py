@@ -117,20 +117,21 @@ def test_train_and_predict_ignores_padding():
   x, y, _ = _data(n=200, dim=4, classes=(3,), shift=1.0)
   fn = jax.jit(functools.partial(attack_lib.train_and_predict, attacker="mlp", hidden=8))
   # Rows 0..119 fitted, 120..139 validation, 140..149 padding (both weights 0).
-  w = (jnp.arange(150) < 120) * 1.0
-  val = ((jnp.arange(150) >= 120) & (jnp.arange(150) < 140)) * 1.0
-  rows, labels = jnp.arange(150), jnp.asarray(y[0, :150])
-  rest = (jnp.arange(150, 200), jnp.array([True, True, True, False]),
-          jax.random.PRNGKey(0), 1e-4, 1e-2, 20)
-  probs = fn(jnp.asarray(x), rows, labels, w, val, *rest)
+  task = attack_lib.Tasks(
+      train_idx=jnp.arange(150), train_y=jnp.asarray(y[0, :150]),
+      train_w=(jnp.arange(150) < 120) * 1.0,
+      val_w=((jnp.arange(150) >= 120) & (jnp.arange(150) < 140)) * 1.0,
+      test_idx=jnp.arange(150, 200), test_y=jnp.asarray(y[0, 150:]), test_w=jnp.ones(50),
+      class_mask=jnp.array([True, True, True, False]), fold=0, attr=0)
+  rest = (jax.random.PRNGKey(0), attack_lib.Settings(1e-4, 1e-2, 20))
+  probs = fn(jnp.asarray(x), task, *rest)
   chex.assert_shape(probs, (50, 4))
   np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, rtol=1e-5)
   assert float(jnp.max(probs[:, 3])) == 0.0  # the padded class gets nothing
   # Padding rows may point anywhere with any label: nothing changes.
-  rows2 = rows.at[140:].set(jnp.arange(160, 170))
-  labels2 = labels.at[140:].set(2)
-  chex.assert_trees_all_close(fn(jnp.asarray(x), rows2, labels2, w, val, *rest), probs,
-                              atol=1e-6)
+  padded = task._replace(train_idx=task.train_idx.at[140:].set(jnp.arange(160, 170)),
+                         train_y=task.train_y.at[140:].set(2))
+  chex.assert_trees_all_close(fn(jnp.asarray(x), padded, *rest), probs, atol=1e-6)
 
 
 @pytest.mark.parametrize("attacker", ["mlp", "linear", "knn"])

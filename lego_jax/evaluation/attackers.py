@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lego_jax import nn
 from lego_jax.config import DEFAULTS
 from lego_jax.errors import LegoError, unknown
 from lego_jax.evaluation import classification_metrics as cm
@@ -138,24 +139,13 @@ def _check(embeddings, labels, num_classes, names, attacker, protocol):
                     f"got shape {x.shape}")
   if not np.all(np.isfinite(x)):
     raise LegoError("attack: embeddings contain NaN or inf")
-  y = np.asarray(labels)
-  if y.ndim == 1:
-    y = y[None]
-  n = x.shape[-2]
-  if y.ndim != 2 or y.shape[1] != n:
-    raise LegoError(f"attack: labels must be (attributes, {n} users), got shape {y.shape}")
+  if names is None:
+    names = [f"attr{k}" for k in range(np.shape(labels)[0] if np.ndim(labels) > 1 else 1)]
+  y, num_classes = nn.check_labels(labels, num_classes, who="attack", n_users=x.shape[-2],
+                                   names=names)
   if x.ndim == 3 and x.shape[0] != y.shape[0]:
     raise LegoError(f"attack: {x.shape[0]} tables for {y.shape[0]} attributes")
-  num_classes = [int(c) for c in num_classes]
-  if len(num_classes) != y.shape[0]:
-    raise LegoError(f"attack: {y.shape[0]} label rows but {len(num_classes)} class counts")
-  names = list(names) if names is not None else [f"attr{k}" for k in range(y.shape[0])]
-  if len(names) != y.shape[0] or len(set(names)) != len(names):
-    raise LegoError(f"attack: need {y.shape[0]} distinct attribute names, got {names}")
-  for k, (name, c) in enumerate(zip(names, num_classes)):
-    if y[k].max(initial=-1) >= c or y[k].min(initial=0) < -1:
-      raise LegoError(f"attack: labels of {name} must lie in -1..{c - 1}")
-  return x, y.astype(np.int64), num_classes, names
+  return x, y, num_classes, list(names)
 
 
 def _attribute_tasks(codes, protocol, cfg, seed):
@@ -227,68 +217,66 @@ def make_tasks(labels, num_classes, protocol, cfg, seed, names):
 # The attacker (one task; vmapped over tasks)
 
 
+class Settings(NamedTuple):
+  """The training budget of an attacker; traced, so one compiled program serves any values."""
+  l2: jax.Array      # weight of 0.5 * ||weights||^2 (biases not penalised)
+  lr: jax.Array      # Adam learning rate (full batch)
+  steps: jax.Array   # Adam steps
+
+  @classmethod
+  def from_config(cls, cfg) -> "Settings":
+    return cls(jnp.float32(cfg["l2"]), jnp.float32(cfg["lr"]), jnp.int32(cfg["steps"]))
+
+
 def _init(key, dim: int, cmax: int, hidden: int, attacker: str):
   if attacker == "linear":
     # Convex problem: zero init, the optimum does not depend on the key.
     return {"w": jnp.zeros((dim, cmax)), "b": jnp.zeros(cmax)}
-  k1, k2 = jax.random.split(key)
-  # One key per class column, so a class's initial weights do not depend on
-  # how far the class axis was padded (Cmax).
-  cols = jax.vmap(lambda c: jax.random.fold_in(k2, c))(jnp.arange(cmax))
-  w1 = jax.random.normal(k1, (dim, hidden)) * jnp.sqrt(2.0 / dim)
-  w2 = jax.vmap(lambda k: jax.random.normal(k, (hidden,)))(cols).T
-  return {"w1": w1, "b1": jnp.zeros(hidden),
-          "w2": w2 * jnp.sqrt(1.0 / hidden), "b2": jnp.zeros(cmax)}
-
-
-def _dot(a, b):
-  # Full float32 products: TF32 on a GPU would make results device-dependent.
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  return nn.init_head(key, dim, cmax, hidden, key_per_class=True)
 
 
 def _logits(params, x):
-  if "w" in params:
-    return _dot(x, params["w"]) + params["b"]
-  h = jax.nn.relu(_dot(x, params["w1"]) + params["b1"])
-  return _dot(h, params["w2"]) + params["b2"]
+  # Full float32 products: TF32 on a GPU would make results device-dependent.
+  return nn.head_logits(params, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def train_and_predict(x, train_idx, train_y, train_w, val_w, test_idx, class_mask,
-                      key, l2, lr, steps, *, attacker: str, hidden: int):
-  """Fits one attacker on rows `train_idx` of `x` and returns the predicted
-  class probabilities (Nte, Cmax) of rows `test_idx`.
-
-  Rows with `train_w` = 1 are fitted; rows with `val_w` = 1 (an inner
-  validation split of the training fold) pick the step whose parameters are
-  returned: the one with the lowest validation cross-entropy (early
-  stopping). Without validation rows the last step's parameters are used.
-  Features are standardised with the fitted rows' mean and standard
-  deviation; the loss is mean cross-entropy plus 0.5 * l2 * ||weights||^2
-  (biases not penalised); at most `steps` full-batch Adam steps. Padded
-  classes get a -1e9 logit, so they never receive probability. `l2`, `lr`
-  and `steps` may be traced: one compiled program serves any budget.
-  """
-  xtr, xte = x[train_idx], x[test_idx]
-  w = train_w
+def _standardise(x, task: Tasks):
+  """(fitted rows, test rows) of x standardised by the fitted rows; a constant feature stays 0."""
+  xtr, xte = x[task.train_idx], x[task.test_idx]
+  w = task.train_w
   wsum = jnp.maximum(w.sum(), 1.0)
   mu = (w[:, None] * xtr).sum(0) / wsum
-  var = (w[:, None] * (xtr - mu) ** 2).sum(0) / wsum
-  sd = jnp.sqrt(var + 1e-12)
-  sd = jnp.where(sd > 1e-6, sd, 1.0)  # a constant feature stays 0, not NaN
-  xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-  offset = jnp.where(class_mask, 0.0, _NEG)
-  params = _init(key, x.shape[1], class_mask.shape[0], hidden, attacker)
-  vsum = val_w.sum()
+  sd = jnp.sqrt((w[:, None] * (xtr - mu) ** 2).sum(0) / wsum + 1e-12)
+  sd = jnp.where(sd > 1e-6, sd, 1.0)
+  return (xtr - mu) / sd, (xte - mu) / sd
+
+
+def train_and_predict(x, task: Tasks, key, settings: Settings, *, attacker: str, hidden: int):
+  """Fits one attacker on the rows `task.train_idx` of `x` and returns the
+  predicted class probabilities (Nte, Cmax) of the rows `task.test_idx`.
+
+  `task` is one task of `Tasks` (one row of each field). Rows with `train_w`
+  = 1 are fitted; rows with `val_w` = 1 (an inner validation split of the
+  training fold) pick the step whose parameters are returned: the one with
+  the lowest validation cross-entropy (early stopping). Without validation
+  rows the last step's parameters are used. Features are standardised with
+  the fitted rows' mean and standard deviation; the loss is mean
+  cross-entropy plus 0.5 * l2 * ||weights||^2, minimised by at most `steps`
+  full-batch Adam steps (`settings`). Padded classes get a -1e9 logit, so
+  they never receive probability.
+  """
+  xtr, xte = _standardise(x, task)
+  offset = jnp.where(task.class_mask, 0.0, _NEG)
+  params = _init(key, x.shape[1], task.class_mask.shape[0], hidden, attacker)
+  vsum = task.val_w.sum()
 
   def losses(p):
     """(penalised training loss, validation cross-entropy)."""
-    logp = jax.nn.log_softmax(_logits(p, xtr) + offset)
-    ce = -jnp.take_along_axis(logp, train_y[:, None], axis=1)[:, 0]
-    reg = sum(jnp.sum(v ** 2) for k, v in p.items() if k.startswith("w"))
-    val = (val_w * ce).sum() / jnp.maximum(vsum, 1.0)
-    return (w * ce).sum() / wsum + 0.5 * l2 * reg, val
+    ce = nn.nll(_logits(p, xtr) + offset, task.train_y)
+    return (nn.weighted_mean(ce, task.train_w) + 0.5 * settings.l2 * nn.weight_decay(p),
+            nn.weighted_mean(ce, task.val_w))
 
-  opt = optax.adam(lr)
+  opt = optax.adam(settings.lr)
 
   def step(_, carry):
     p, s, best, best_val = carry
@@ -300,33 +288,28 @@ def train_and_predict(x, train_idx, train_y, train_w, val_w, test_idx, class_mas
     return optax.apply_updates(p, u), s, best, jnp.minimum(val, best_val)
 
   init = (params, opt.init(params), params, jnp.float32(jnp.inf))
-  last, _, best, _ = jax.lax.fori_loop(0, steps, step, init)
+  last, _, best, _ = jax.lax.fori_loop(0, settings.steps, step, init)
   final = jax.tree.map(lambda a, b: jnp.where(vsum > 0, a, b), best, last)
   return jax.nn.softmax(_logits(final, xte) + offset)
 
 
-def knn_predict(x, train_idx, train_y, train_w, val_w, test_idx, class_mask, key, l2, lr, steps,
-                *, attacker: str = "knn", hidden: int = 0):
+def knn_predict(x, task: Tasks, key, settings: Settings, *, attacker: str = "knn",
+                hidden: int = 0):
   """A k-nearest-neighbour vote (`KNN_K` neighbours among the fitted rows,
   Euclidean on standardised features): the class shares among each test row's
   neighbours, as probabilities (Nte, Cmax). It reads local structure (users
   surrounded by their own class) that smooth attackers miss. The signature is
-  `train_and_predict`'s, so the two share the task machinery; the training
-  budget arguments are unused.
+  `train_and_predict`'s, so the two share the task machinery; the key and the
+  training settings are unused.
   """
-  del val_w, key, l2, lr, steps, attacker, hidden
-  xtr, xte = x[train_idx], x[test_idx]
-  w = train_w
-  wsum = jnp.maximum(w.sum(), 1.0)
-  mu = (w[:, None] * xtr).sum(0) / wsum
-  sd = jnp.sqrt((w[:, None] * (xtr - mu) ** 2).sum(0) / wsum + 1e-12)
-  sd = jnp.where(sd > 1e-6, sd, 1.0)
-  xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+  del key, settings, attacker, hidden
+  xtr, xte = _standardise(x, task)
   d2 = (jnp.sum(xte ** 2, 1)[:, None] + jnp.sum(xtr ** 2, 1)[None, :]
-        - 2.0 * _dot(xte, xtr.T))
-  d2 = jnp.where(w[None, :] > 0, d2, jnp.inf)          # padding and held-out rows are no neighbours
-  _, nn = jax.lax.top_k(-d2, KNN_K)
-  votes = jax.nn.one_hot(train_y[nn], class_mask.shape[0]).sum(1)
+        - 2.0 * jnp.matmul(xte, xtr.T, precision=jax.lax.Precision.HIGHEST))
+  # Padding and held-out rows are no neighbours.
+  d2 = jnp.where(task.train_w[None, :] > 0, d2, jnp.inf)
+  _, nearest = jax.lax.top_k(-d2, KNN_K)
+  votes = jax.nn.one_hot(task.train_y[nearest], task.class_mask.shape[0]).sum(1)
   return votes / KNN_K
 
 
@@ -335,19 +318,13 @@ def _compiled(attacker: str, hidden: int, vmapped: bool, per_task_table: bool = 
   fn = functools.partial(knn_predict if attacker == "knn" else train_and_predict,
                          attacker=attacker, hidden=hidden)
   if vmapped:
-    x_axis = 0 if per_task_table else None
-    fn = jax.vmap(fn, in_axes=(x_axis, 0, 0, 0, 0, 0, 0, 0, None, None, None))
+    fn = jax.vmap(fn, in_axes=(0 if per_task_table else None, 0, 0, None))
   return jax.jit(fn)
 
 
 def _keys(seed: int, folds: np.ndarray):
   base = jax.random.PRNGKey(seed)
   return jax.vmap(lambda f: jax.random.fold_in(base, f))(jnp.asarray(folds))
-
-
-def _hyper(cfg: dict):
-  """The traced hyper-parameters (l2, lr, steps)."""
-  return (jnp.float32(cfg["l2"]), jnp.float32(cfg["lr"]), jnp.int32(cfg["steps"]))
 
 
 def predict_vmapped(x, tasks: Tasks, seed: int, cfg: dict, attacker: str):
@@ -359,9 +336,7 @@ def predict_vmapped(x, tasks: Tasks, seed: int, cfg: dict, attacker: str):
   per_task = np.ndim(x) == 3
   fn = _compiled(attacker, int(cfg["hidden"]), True, per_task)
   x = jnp.asarray(x)[jnp.asarray(tasks.attr)] if per_task else jnp.asarray(x)
-  return fn(x, tasks.train_idx, tasks.train_y, tasks.train_w,
-            tasks.val_w, tasks.test_idx, tasks.class_mask, _keys(seed, tasks.fold),
-            *_hyper(cfg))
+  return fn(x, tasks, _keys(seed, tasks.fold), Settings.from_config(cfg))
 
 
 def predict_looped(x, per_task: list, cmax: int, seed: int, cfg: dict,
@@ -370,15 +345,14 @@ def predict_looped(x, per_task: list, cmax: int, seed: int, cfg: dict,
   padded to a common shape among themselves only (one compile per attribute),
   as a loop-based implementation would. Returns [(Tasks_of_attr, probs)]."""
   fn = _compiled(attacker, int(cfg["hidden"]), False)
-  hyper = _hyper(cfg)
+  settings = Settings.from_config(cfg)
   x = jnp.asarray(x)
   out = []
   for k in sorted({t[0] for t in per_task}):
     tasks = _stack([t for t in per_task if t[0] == k], cmax)
     keys = _keys(seed, tasks.fold)
     xk = x[k] if x.ndim == 3 else x
-    probs = [fn(xk, tasks.train_idx[i], tasks.train_y[i], tasks.train_w[i],
-                tasks.val_w[i], tasks.test_idx[i], tasks.class_mask[i], keys[i], *hyper)
+    probs = [fn(xk, jax.tree.map(lambda a: a[i], tasks), keys[i], settings)
              for i in range(len(tasks.fold))]
     out.append((tasks, jnp.stack(probs)))
   return out

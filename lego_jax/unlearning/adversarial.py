@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lego_jax import nn
 from lego_jax.errors import LegoError, unknown
 from lego_jax.models.base import Model
 
@@ -57,35 +58,9 @@ def _reverse_bwd(scale, _, g):
 reverse_gradient.defvjp(_reverse_fwd, _reverse_bwd)
 
 
-def init_head(key, dim: int, classes: int, hidden: int = 0) -> dict:
-  """A linear head (hidden 0) or a one-hidden-layer ReLU MLP, He/LeCun-normal init."""
-  if hidden <= 0:
-    return {"w": jax.random.normal(key, (dim, classes)) * jnp.sqrt(1.0 / dim),
-            "b": jnp.zeros(classes)}
-  k1, k2 = jax.random.split(key)
-  return {"w1": jax.random.normal(k1, (dim, hidden)) * jnp.sqrt(2.0 / dim),
-          "b1": jnp.zeros(hidden),
-          "w2": jax.random.normal(k2, (hidden, classes)) * jnp.sqrt(1.0 / hidden),
-          "b2": jnp.zeros(classes)}
-
-
-def head_logits(head: dict, x):
-  if "w" in head:
-    return x @ head["w"] + head["b"]
-  return jax.nn.relu(x @ head["w1"] + head["b1"]) @ head["w2"] + head["b2"]
-
-
-def masked_ce(logits, y):
-  """Mean cross-entropy over rows with y >= 0 (0 where there are none)."""
-  mask = (y >= 0).astype(logits.dtype)
-  logp = jax.nn.log_softmax(logits)
-  ce = -jnp.take_along_axis(logp, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
-  return jnp.sum(mask * ce) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def head_losses(heads: Sequence[dict], emb, y):
   """Per-attribute cross-entropy (K,) of the heads on embeddings emb (B, D), labels y (K, B)."""
-  return jnp.stack([masked_ce(head_logits(h, emb), y[k]) for k, h in enumerate(heads)])
+  return jnp.stack([nn.cross_entropy(nn.head_logits(h, emb), y[k]) for k, h in enumerate(heads)])
 
 
 def confusion_losses(heads: Sequence[dict], emb, y):
@@ -93,25 +68,13 @@ def confusion_losses(heads: Sequence[dict], emb, y):
   distribution over the labelled rows; minimal (log C) where a head cannot tell classes apart."""
   out = []
   for k, h in enumerate(heads):
-    mask = (y[k] >= 0).astype(emb.dtype)
-    to_uniform = -jnp.mean(jax.nn.log_softmax(head_logits(h, emb)), axis=1)
-    out.append(jnp.sum(mask * to_uniform) / jnp.maximum(jnp.sum(mask), 1.0))
+    to_uniform = -jnp.mean(jax.nn.log_softmax(nn.head_logits(h, emb)), axis=1)
+    out.append(nn.weighted_mean(to_uniform, (y[k] >= 0).astype(emb.dtype)))
   return jnp.stack(out)
 
 
 def _check(labels, num_classes, weight, hidden):
-  labels = np.asarray(labels)
-  if labels.ndim == 1:
-    labels = labels[None]
-  num_classes = [int(c) for c in num_classes]
-  if labels.ndim != 2 or labels.shape[0] != len(num_classes) or not num_classes:
-    raise LegoError(f"adversarial: labels must be (attributes, users) with one class count per "
-                    f"attribute; got shape {labels.shape} and {len(num_classes)} class counts")
-  for k, c in enumerate(num_classes):
-    if c < 2:
-      raise LegoError(f"adversarial: attribute {k} needs at least 2 classes, got {c}")
-    if labels[k].min(initial=0) < -1 or labels[k].max(initial=-1) >= c:
-      raise LegoError(f"adversarial: labels of attribute {k} must lie in -1..{c - 1}")
+  labels, num_classes = nn.check_labels(labels, num_classes, who="adversarial", min_classes=2)
   if not np.isfinite(weight) or weight < 0:
     raise LegoError(f"adversarial: weight must be a finite number >= 0, got {weight}")
   if int(hidden) < 0:
@@ -142,7 +105,7 @@ def make(base: Model, labels, num_classes: Sequence[int], weight: float = 1.0,
     params = base.init(key, n_users, n_items)
     dim = base.user_table(params).shape[1]
     hk = jax.random.fold_in(key, 0x6164)
-    heads = [init_head(jax.random.fold_in(hk, k), dim, c, hidden)
+    heads = [nn.init_head(jax.random.fold_in(hk, k), dim, c, hidden)
              for k, c in enumerate(num_classes)]
     return {"base": params, "heads": heads}
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lego_jax import nn
 from lego_jax.errors import LegoError
 
 RCOND = 1e-10   # eigenvalues of Sigma_xx below RCOND * the largest are treated as 0
@@ -58,13 +59,11 @@ def _check_x(x) -> np.ndarray:
   return x
 
 
-def _check_codes(codes, n: int, num_classes: int, what: str = "labels") -> np.ndarray:
+def _check_codes(codes, n: int, num_classes: int) -> np.ndarray:
   codes = np.asarray(codes)
   if codes.shape != (n,):
-    raise LegoError(f"leace: {what} must have shape ({n},), got {codes.shape}")
-  if codes.size and (codes.min() < -1 or codes.max() >= num_classes):
-    raise LegoError(f"leace: {what} must lie in -1..{num_classes - 1}")
-  return codes.astype(np.int64)
+    raise LegoError(f"leace: labels must have shape ({n},), got {codes.shape}")
+  return nn.check_labels(codes, [num_classes], who="leace", names=["the attribute"])[0][0]
 
 
 def fit(x, codes, num_classes: int, *, rcond: float = RCOND) -> Eraser:
@@ -121,21 +120,12 @@ def fit_chain(x, labels, num_classes: Sequence[int], *, rounds: int = 1,
   """Erasers for every attribute in order, each fitted on the previous output,
   the whole chain repeated `rounds` times. labels: (K, n) ints, -1 = missing."""
   x = _check_x(x)
-  labels = np.asarray(labels)
-  if labels.ndim == 1:
-    labels = labels[None]
-  num_classes = [int(c) for c in num_classes]
-  if labels.ndim != 2 or labels.shape[1] != x.shape[0]:
-    raise LegoError(f"leace: labels must be (attributes, {x.shape[0]} users), "
-                    f"got shape {labels.shape}")
-  if len(num_classes) != labels.shape[0]:
-    raise LegoError(f"leace: {labels.shape[0]} label rows but {len(num_classes)} class counts")
+  labels, num_classes = nn.check_labels(labels, num_classes, who="leace", n_users=x.shape[0])
   if int(rounds) < 1:
     raise LegoError(f"leace: rounds must be >= 1, got {rounds}")
   chain = []
   for _ in range(int(rounds)):
     for k, c in enumerate(num_classes):
-      _check_codes(labels[k], x.shape[0], c, what=f"labels of attribute {k}")
       eraser = fit(x, labels[k], c, rcond=rcond)
       x = apply(eraser, x)
       chain.append(eraser)
