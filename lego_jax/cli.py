@@ -33,6 +33,15 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   p.add_argument("--json", action="store_true")
 
+  p = sub.add_parser("config", help="configs").add_subparsers(dest="config_command",
+                                                               required=True)
+  p = p.add_parser("show", help="print the resolved config, each field with what it does "
+                                "(TOML: save it and pass it back with --config FILE)")
+  p.add_argument("--config", help="a config name from configs/ or a .toml path "
+                                  "(default: the bare defaults)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--json", action="store_true")
+
   _common(sub.add_parser("train", help="train (or resume) the backbone in a workdir"))
 
   p = sub.add_parser("evaluate", help="ranking metrics of every stage on the test split")

@@ -8,40 +8,42 @@ saved as JSON in the workdir.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import pathlib
+import re
 import sys
 import sysconfig
 import tomllib
-from typing import Any
+import types
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
-from lego_jax.data import FORMATS, SPLIT_METHODS
-from lego_jax.data.load import parse_age_bins
 from lego_jax.errors import LegoError, unknown
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "data": {
-        "name": "synthetic",      # ml-100k | ml-1m | lastfm-360k | synthetic | a folder path
-        "data_dir": "",           # default: $LEGO_DATA_DIR
-        "format": "",             # auto-detected when empty
-        "users_file": "",         # user-attribute file, where not the conventional one
-        "attributes": [],         # which attributes to keep; empty = all
-        "rating_threshold": 0.0,  # keep interactions with rating >= this (0 = all)
+        "name": "synthetic",
+        "data_dir": "",
+        "format": "",
+        "users_file": "",
+        "attributes": [],
+        "rating_threshold": 0.0,
         "kcore": 0,
-        "age_bins": "",           # "" = dataset default; "none" keeps raw codes; or e.g. "18,25,35,50"
-        "split": "random",        # random | loo | predefined
+        "age_bins": "",
+        "split": "random",
         "split_ratios": [0.8, 0.1, 0.1],
         "synthetic_users": 3000,
         "synthetic_items": 2000,
         "synthetic_density": 0.045,
     },
     "model": {
-        "name": "mf",             # mf | ncf | lightgcn
+        "name": "mf",
         "dim": 64,
-        "mlp_layers": [128, 64],  # NCF MLP tower
-        "n_layers": 2,            # LightGCN propagation layers
+        "mlp_layers": [128, 64],
+        "n_layers": 2,
     },
     "train": {
         "epochs": 50,
@@ -58,13 +60,11 @@ DEFAULTS: dict[str, Any] = {
         "batch_users": 1024,
     },
     "attack": {
-        # l2 1e-2 and 100 full-batch Adam steps were the strongest MLP settings
-        # measured (benchmarks/bench_attack.py docstring); more steps overfit.
         "hidden": 100,
         "l2": 1e-2,
         "lr": 1e-2,
         "steps": 100,
-        "val_frac": 0.0,          # > 0: early stopping on an inner validation split
+        "val_frac": 0.0,
         "folds": 5,
         "paper_splits": 40,
         "paper_train_frac": 0.2,
@@ -127,24 +127,338 @@ DEFAULTS: dict[str, Any] = {
         "per_attribute": {},
     },
     "combine": {
-        "mode": "dim",            # dim | scalar | convex
+        "mode": "dim",
         "steps": 100,
         "lr": 1e-2,
         "w_mi": 1.0,
         "lam_rank": 200.0,
-        "init": "uniform",        # uniform (1/|R|) | ones
+        "init": "uniform",
     },
     "run": {
         "methods": ["lego", "joint", "sequential", "leace", "adversarial"],
         "attackers": ["mlp", "linear"],
-        "sweep": [],              # lam_rank values for the trade-off plot
-        # The in-training adversarial baseline: "confusion" (heads learn on
-        # stopped embeddings, embeddings pushed to uniform predictions) or plain
-        # gradient "reverse"al, which leaked more than the original when measured.
+        "sweep": [],
         "adversarial_objective": "confusion",
         "adversarial_weight": 1.0,
     },
 }
+
+# What every table and field of DEFAULTS is, one line each, and where it is not
+# obvious why its default: `lego-jax config show` prints these beside the values,
+# the typed views carry them, and docs/configuration.md lists them (the tests
+# check that every field has one and the doc has every row).
+DESCRIPTIONS: dict[str, str] = {
+    "seed": "every random choice (split, backbone training, calibration keys, attackers) "
+            "derives from it",
+
+    "data": "which data, and how it is prepared (docs/data.md)",
+    "data.name": "`ml-100k`, `ml-1m`, `lastfm-360k`, `synthetic`, or a folder path "
+                 "(format detected)",
+    "data.data_dir": "folder holding the named datasets (`DIR/ml-1m/...`); empty = "
+                     "`$LEGO_DATA_DIR`; `--data-dir` sets it. Not part of the workdir's "
+                     "identity (the data fingerprint is)",
+    "data.format": "force a format: `movielens-100k`, `movielens-1m`, `recbole`, `lightgcn`, "
+                   "`lastfm`; empty = detect from the files",
+    "data.users_file": "the user-attribute file, where not the conventional one (relative to "
+                       "the dataset folder unless it exists as given)",
+    "data.attributes": "which attribute columns to keep; empty = all except identifying ones "
+                       "(zip, signup, ...)",
+    "data.rating_threshold": "keep interactions rated ≥ this; 0 = all (an error where the "
+                             "data has no ratings)",
+    "data.kcore": "drop users and items with fewer than this many distinct partners, "
+                  "repeatedly; 0 = off",
+    "data.age_bins": "`\"\"` = dataset default; `\"none\"` keeps raw values as classes; "
+                     "`\"18,25,35,50\"` bins at those edges",
+    "data.split": "`random` (per user, by `split_ratios`; a predefined split is kept), `loo` "
+                  "(leave-one-out by time), `predefined`",
+    "data.split_ratios": "train / valid / test shares per user for the random split",
+    "data.synthetic_users": "users of the synthetic dataset",
+    "data.synthetic_items": "items of the synthetic dataset (unpicked items are dropped)",
+    "data.synthetic_density": "mean share of items a synthetic user interacts with",
+
+    "model": "the backbone",
+    "model.name": "`mf` (MF-BPR), `ncf` (NeuMF: GMF + MLP towers, BCE), `lightgcn`",
+    "model.dim": "embedding size (NCF: per tower; the user table unlearned is both towers, "
+                 "2 × dim)",
+    "model.mlp_layers": "widths of NCF's MLP tower",
+    "model.n_layers": "LightGCN propagation layers",
+
+    "train": "backbone training",
+    "train.epochs": "maximum epochs",
+    "train.batch_size": "training pairs per minibatch",
+    "train.lr": "Adam learning rate",
+    "train.l2": "L2 weight on the batch's user and item embeddings",
+    "train.eval_every": "epochs between validation evaluations",
+    "train.patience": "stop after this many evaluations without improvement (the best params "
+                      "are kept)",
+    "train.metric": "validation metric for early stopping (`recall`, `ndcg` or `hr` at a K)",
+    "train.negatives": "uniform negative items per positive (a user's own training items are "
+                       "redrawn)",
+
+    "eval": "ranking evaluation",
+    "eval.ks": "cut-offs for Recall, NDCG and HR",
+    "eval.batch_users": "users scored per batch (memory only); also the batch for top-T lists",
+
+    "attack": "the attribute-inference attackers",
+    "attack.hidden": "hidden units of the MLP attacker",
+    "attack.l2": "L2 weight on the attacker's weights (the strongest MLP setting measured, "
+                 "benchmarks/bench_attack.py)",
+    "attack.lr": "Adam learning rate (full batch)",
+    "attack.steps": "Adam steps (more overfit when measured)",
+    "attack.val_frac": "> 0: share of each training fold held out to early-stop on; 0 = a "
+                       "fixed budget of `steps` (stopping on validation stopped too early on "
+                       "a planted non-linear signal)",
+    "attack.folds": "folds of the `cv5` protocol",
+    "attack.paper_splits": "random splits of the `paper` protocol",
+    "attack.paper_train_frac": "training share per class in the `paper` protocol",
+
+    "unlearn": "calibration (one brick per attribute) and the closed loop (docs/method.md)",
+    "unlearn.attributes": "attributes to unlearn; empty = all of the dataset's",
+    "unlearn.loss": "`mmd` (class vs marginal), `d2d` (PoT-AU's class vs anchor), "
+                    "`adversarial` (prior-KL against an auxiliary classifier)",
+    "unlearn.calibrator": "`table` (free per-user offset) or `residual` (one shared map "
+                          "e ↦ e + g(e))",
+    "unlearn.steps": "optimiser steps per brick; Adam moves a coordinate about `lr` per step "
+                     "whatever the gradient, so `lr × steps` bounds how far a user moves "
+                     "(the closed loop extends a move that stopped short)",
+    "unlearn.lr": "Adam learning rate (per attribute settable)",
+    "unlearn.w_mi": "weight of the MI estimate in units of its null level (dimensionless; "
+                    "per attribute settable)",
+    "unlearn.lam_rank": "weight of the top-T ranking hinge, in units of the score spread "
+                        "(per attribute settable)",
+    "unlearn.l2": "weight of the pull toward the original row (per attribute settable): "
+                  "without it the minibatch noise of the MI estimate drifts every row, and "
+                  "the bricks' drifts add up",
+    "unlearn.batch_users": "class-stratified minibatch size; 0 = `batch_fraction` of the users",
+    "unlearn.batch_fraction": "the minibatch as a fraction of the users (at least 32) where "
+                              "`batch_users` is 0: steps that see every user overshoot below "
+                              "chance, and about a sixth served 943 and 6040 users alike; "
+                              "1 = every user",
+    "unlearn.topk": "T: each user's original top-T unseen items keep their order",
+    "unlearn.guard": "items after the top-T held below it by the same hinge",
+    "unlearn.margin": "hinge margin, in units of the score spread",
+    "unlearn.linear_kernel": "add a linear kernel (the class means), hinged on its own",
+    "unlearn.linear_scope": "the linear kernel on the minibatch (`batch`), or `population` "
+                            "(every user, O(n D))",
+    "unlearn.centre": "RBF kernels on class-centred rows, so removing a nonlinear signal "
+                      "cannot move the class means (which sent the linear probe below chance)",
+    "unlearn.bandwidths": "RBF bandwidths beta * 2^j (beta: mean pairwise squared distance)",
+    "unlearn.hinge": "`kernel`: each kernel stopped at its own null; `sum`: one hinge on the "
+                     "sum of the kernels",
+    "unlearn.stop": "`null` (penalise only the excess over the permuted-label level), "
+                    "`two-sided` (also a deficit), `steps` (no stop)",
+    "unlearn.estimator": "`kernel` (B x B matrices) or `features` (random Fourier features, "
+                         "O(B F))",
+    "unlearn.features": "random features per bandwidth (`estimator = \"features\"`)",
+    "unlearn.null_perms": "label permutations averaged for the null level",
+    "unlearn.ckpt_every": "steps between checkpoints of a calibration in progress (also the "
+                          "compiled chunk)",
+    "unlearn.control": "the closed loop: `probe` sets each attribute's gains from "
+                       "cross-fitted probes after calibration and after combination; `none` "
+                       "keeps the calibration's moves as they are",
+    "unlearn.target_leakage": "the loop stops moving an attribute once every probe reads "
+                              "within this of chance (BAcc - chance, both directions)",
+    "unlearn.min_retention": "utility floor: the combined table's validation NDCG@10 over the "
+                             "original's; where the loop's best table falls under it, the "
+                             "best table that keeps it is used and a warning says so",
+    "unlearn.probes": "steering attackers (`linear`, `mlp`, `knn`), with the `attack` "
+                      "settings; linear ones judge the class-mean gain, the others the "
+                      "within-class gain",
+    "unlearn.probe_folds": "cross-fitting folds of the probes; as many as the attackers that "
+                           "judge (`attack.folds`), because how far below chance an "
+                           "overshoot reads depends on the train/test ratio",
+    "unlearn.probe_repeats": "fold splits averaged per reading; 0 = enough that about 4000 "
+                             "users are scored (1 on ML-1M, 4 on ML-100K): on a few hundred "
+                             "users one split's reading varies more than the target",
+    "unlearn.control_rounds": "search rounds per loop; each reads the probes on two tables",
+    "unlearn.max_gain": "how far a move that stopped short may be extended",
+    "unlearn.per_attribute": "per-attribute `w_mi`, `lam_rank`, `l2`, `lr`, keyed by "
+                             "attribute name (`--set unlearn.per_attribute.age.l2=1`)",
+
+    "combine": "Flexible Combination (uses the `unlearn` estimator, minibatch, margin and "
+               "guard)",
+    "combine.mode": "weights per attribute and dimension (`dim`), per attribute (`scalar`), "
+                    "or a convex combination of the calibrated tables (`convex`)",
+    "combine.steps": "Adam steps",
+    "combine.lr": "Adam learning rate",
+    "combine.w_mi": "weight of the active attributes' excess MI",
+    "combine.lam_rank": "weight of the ranking hinge",
+    "combine.init": "starting weights: `uniform` (1/number of active bricks) or `ones`",
+
+    "run": "the main job (`lego-jax run`, `lego-jax grid`)",
+    "run.methods": "methods run and compared",
+    "run.attackers": "attackers applied to every table (`mlp`, `linear`, `knn`)",
+    "run.sweep": "`lam_rank` values for the trade-off plot (`--sweep 1,10,100` sets it); each "
+                 "runs LEGO with `unlearn.lam_rank` and `combine.lam_rank` set to the value",
+    "run.adversarial_objective": "in-training adversarial baseline: `confusion` (embeddings "
+                                 "pushed to uniform predictions) or `reverse` (gradient "
+                                 "reversal, which leaked more when measured)",
+    "run.adversarial_weight": "weight of the adversarial term",
+}
+
+
+def paths(tree: Mapping = DEFAULTS, where: str = "") -> list[str]:
+  """Dotted paths of every table and field of `tree`, in order (tables before their fields)."""
+  out = []
+  for key, value in tree.items():
+    out.append(where + key)
+    if isinstance(value, dict) and f"{where}{key}" not in KEYED:
+      out += paths(value, f"{where}{key}.")
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Typed views: one frozen dataclass per section, generated from DEFAULTS (each
+# field typed from its default, described by DESCRIPTIONS), for code that
+# wants attributes and types; the dicts stay what is merged, saved and passed.
+
+
+class Section(Mapping):
+  """A frozen, typed view of a config section.
+
+  Its fields are attributes (`view.steps`) and, as in the dict it was made
+  from, keys (`view["steps"]`, `dict(view)`), so code written for the dicts
+  takes a view as it is. Lists become tuples and tables read-only mappings.
+  """
+  section: ClassVar[str] = ""
+
+  def __getitem__(self, key: str):
+    if key not in self.__dataclass_fields__:
+      raise KeyError(key)
+    return getattr(self, key)
+
+  def __iter__(self):
+    return (f.name for f in dataclasses.fields(self))
+
+  def __len__(self) -> int:
+    return len(dataclasses.fields(self))
+
+
+def _frozen(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_frozen(v) for v in value)
+  if isinstance(value, Mapping):
+    return types.MappingProxyType({k: _frozen(v) for k, v in value.items()})
+  return value
+
+
+def _thawed(value):
+  """The plain JSON-like value (lists, dicts) of a view's field."""
+  if isinstance(value, tuple):
+    return [_thawed(v) for v in value]
+  if isinstance(value, Mapping):
+    return {k: _thawed(v) for k, v in value.items()}
+  return value
+
+
+def _field_type(default) -> Any:
+  if isinstance(default, list):
+    kinds = {type(v) for v in default}
+    return tuple[kinds.pop(), ...] if len(kinds) == 1 else tuple
+  if isinstance(default, dict):
+    return Mapping[str, Mapping[str, Any]]
+  return type(default)
+
+
+def _section_type(name: str, fields: dict, bases=(Section,)) -> type:
+  specs = []
+  for field, default in fields.items():
+    path = f"{name}.{field}" if name else field
+    meta = {"description": DESCRIPTIONS.get(path, "")}
+    if not name and field in SECTION_TYPES:
+      kind = SECTION_TYPES[field]
+      init = dataclasses.field(default_factory=kind, metadata=meta)
+    elif isinstance(default, dict):
+      kind = _field_type(default)
+      init = dataclasses.field(default_factory=lambda d=default: _frozen(d), metadata=meta)
+    else:
+      kind = _field_type(default)
+      init = dataclasses.field(default=_frozen(default), metadata=meta)
+    specs.append((field, kind, init))
+  title = "".join(p.capitalize() for p in name.split("_")) + "Config" if name else "Config"
+  doc = (f"`{name}`: {DESCRIPTIONS.get(name, '')}." if name else "A whole config.") + "\n\n" + \
+      "\n".join(f"  {f}: {DESCRIPTIONS.get(f'{name}.{f}' if name else f, '')}" for f in fields)
+  return dataclasses.make_dataclass(title, specs, bases=bases, frozen=True,
+                                    namespace={"__doc__": doc, "section": name,
+                                               "__module__": __name__})
+
+
+SECTION_TYPES: dict[str, type] = {}
+SECTION_TYPES.update({name: _section_type(name, fields) for name, fields in DEFAULTS.items()
+                      if isinstance(fields, dict)})
+# The whole config: `seed` and one typed view per section.
+Config = _section_type("", DEFAULTS)
+
+
+def view(section: str, values: Mapping = types.MappingProxyType({})) -> Section:
+  """The typed, frozen view of one section's `values`; fields it lacks take the
+  defaults, and unknown fields or wrong types are refused (LegoError)."""
+  if section not in SECTION_TYPES:
+    raise unknown("config section", section, SECTION_TYPES)
+  cls = SECTION_TYPES[section]
+  if isinstance(values, cls):
+    return values
+  merged = merge(DEFAULTS[section], _thawed(values), f"{section}.")
+  return cls(**{k: _frozen(v) for k, v in merged.items()})
+
+
+def sections(config: Mapping) -> Section:
+  """The typed view of a whole config: `seed` and a view per section (`cfg.unlearn.steps`)."""
+  out = {k: view(k, config.get(k, {})) if k in SECTION_TYPES else config.get(k, DEFAULTS[k])
+         for k in DEFAULTS}
+  unknown_keys = set(config) - set(DEFAULTS)
+  if unknown_keys:
+    raise unknown("config field", sorted(unknown_keys)[0], DEFAULTS)
+  return Config(**out)
+
+
+# ---------------------------------------------------------------------------
+# The resolved config as text: TOML with each field's description, and the
+# rows of docs/configuration.md.
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def literal(value) -> str:
+  """`value` as a TOML literal (what `--set` and a config file take)."""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, (int, float)):
+    return repr(value)   # inf, nan and 1e-05 are TOML as Python writes them
+  if isinstance(value, str):
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+  if isinstance(value, Mapping):
+    items = (f"{k if _BARE_KEY.fullmatch(k) else literal(k)} = {literal(v)}"
+             for k, v in value.items())
+    return "{" + ", ".join(items) + "}"
+  return "[" + ", ".join(literal(v) for v in value) + "]"
+
+
+def to_toml(config: Mapping) -> str:
+  """The config as a TOML file, each field under a comment saying what it is;
+  read back (`--config FILE`) it resolves to the same config."""
+  lines = []
+  for key, value in config.items():
+    if isinstance(value, Mapping):
+      continue
+    lines += [f"# {DESCRIPTIONS.get(key, '')}", f"{key} = {literal(value)}"]
+  for key, value in config.items():
+    if not isinstance(value, Mapping):
+      continue
+    lines += ["", f"# {DESCRIPTIONS.get(key, '')}", f"[{key}]"]
+    for field, v in value.items():
+      lines += [f"# {DESCRIPTIONS.get(f'{key}.{field}', '')}", f"{field} = {literal(v)}"]
+  return "\n".join(lines) + "\n"
+
+
+def reference_rows(section: str = "") -> list[str]:
+  """The rows of docs/configuration.md's table of `section` ("" = the top level)."""
+  fields = DEFAULTS[section] if section else {k: v for k, v in DEFAULTS.items()
+                                              if not isinstance(v, dict)}
+  prefix = f"{section}." if section else ""
+  return [f"| `{prefix}{k}` | `{literal(v)}` | {DESCRIPTIONS.get(prefix + k, '')} |"
+          for k, v in fields.items()]
+
 
 
 def config_dirs() -> list[pathlib.Path]:
@@ -302,6 +616,8 @@ COMBINE_INITS = ("uniform", "ones")                        # unlearning.combinat
 ATTACKERS = ("mlp", "linear", "knn")                       # evaluation.attackers.ATTACKERS
 ADVERSARIAL_OBJECTIVES = ("reverse", "confusion")          # unlearning.adversarial.OBJECTIVES
 RANKING_METRICS = ("recall", "ndcg", "hr")                 # evaluation.ranking.METRICS
+FORMATS = ("movielens-100k", "movielens-1m", "recbole", "lightgcn", "lastfm")  # data.FORMATS
+SPLIT_METHODS = ("random", "loo", "predefined")            # data.SPLIT_METHODS
 
 
 def _number(x) -> bool:
@@ -342,6 +658,7 @@ def _metric(x) -> bool:
 
 
 def _age_bins(x) -> bool:
+  from lego_jax.data.load import parse_age_bins  # here: lego_jax.data imports this module
   try:
     parse_age_bins(x)
   except LegoError:

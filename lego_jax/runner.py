@@ -59,6 +59,11 @@ def inspect_data(args):
   return info, args.json, table
 
 
+# ---- config -----------------------------------------------------------------
+def show_config(args):
+  return _resolve(args, args.config), args.json, config_lib.to_toml
+
+
 # ---- backbone and evaluation ------------------------------------------------
 def train(args):
   config = _resolve(args, getattr(args, "config", None))   # refused before anything is written
@@ -212,7 +217,7 @@ def grid(args):
   return table, False, lambda s: s
 
 
-COMMANDS = {"data": inspect_data, "train": train, "evaluate": evaluate, "attack": attack,
+COMMANDS = {"data": inspect_data, "config": show_config, "train": train, "evaluate": evaluate, "attack": attack,
             "export": export, "unlearn": unlearn, "request": request, "run": run, "grid": grid}
 
 

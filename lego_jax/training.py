@@ -154,7 +154,7 @@ def train(model: Model, split: Split, config: dict, *, ckpt_dir=None, progress: 
   metric, k = parse_metric(tc["metric"])
   epochs, patience = int(tc["epochs"]), int(tc["patience"])
   eval_every = max(1, int(tc["eval_every"]))
-  batch_users = int(config.get("eval", {}).get("batch_users", 1024))
+  batch_users = int(config["eval"]["batch_users"])
   n_users, n_items = split.n_users, split.n_items
   if len(split.train) == 0:
     raise LegoError("the training split is empty")

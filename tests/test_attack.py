@@ -246,7 +246,7 @@ def test_bad_input_raises_lego_error():
     attack_lib.attack(x, y, classes, protocol="loo")
   with pytest.raises(LegoError, match="must lie in -1..0"):
     attack_lib.attack(x, y, [1])
-  with pytest.raises(LegoError, match="attack config field"):
+  with pytest.raises(LegoError, match="unknown config field .attack.stepz."):
     attack_lib.attack(x, y, classes, config={"stepz": 3})
   tiny = np.full((1, 100), -1)
   tiny[0, :3] = [0, 1, 1]

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from lego_jax import config as config_lib
 from lego_jax.data import readers, synthetic
 from lego_jax.data.dataset import MISSING, Attribute, Dataset, Split, fingerprint
 from lego_jax.errors import LegoError, unknown
@@ -267,30 +268,41 @@ def _dataset_folder(name: str, data_dir) -> pathlib.Path:
   return folder
 
 
-def load_dataset(name_or_path: Union[str, os.PathLike], *, data_dir=None, format=None,
-                 users_file=None, attributes=None, rating_threshold=0.0, kcore=0,
-                 age_bins="", synthetic_users=3000, synthetic_items=2000,
-                 synthetic_density=0.045, seed=0) -> Dataset:
+# Fields of the config's `data` section that are not `load_dataset`'s options.
+NOT_OPTIONS = ("name", "split", "split_ratios")
+
+
+def load_dataset(name_or_path: Union[str, os.PathLike], *, seed: int = 0, **options) -> Dataset:
   """A dataset by name (ml-100k, ml-1m, lastfm-360k, synthetic) or folder path.
 
-  Named datasets live in `data_dir/<name>` (data_dir defaults to $LEGO_DATA_DIR);
-  a folder's format is detected from its files unless `format` names one of
-  `readers.FORMATS`. `users_file` names the user-attribute file where it is
-  not the conventional one. The `synthetic_*` sizes and `seed` only affect the
-  synthetic dataset. See the module doc for the preprocessing.
+  `options` are fields of the config's `data` section (`config.DESCRIPTIONS`
+  says what each does; None or a missing one takes its default): `data_dir`
+  holds the named datasets in `data_dir/<name>` (default: $LEGO_DATA_DIR);
+  `format` names one of `readers.FORMATS` (default: detected from the files);
+  `users_file` is the user-attribute file where not the conventional one;
+  `attributes`, `rating_threshold`, `kcore` and `age_bins` are the
+  preprocessing in the module doc; the `synthetic_*` sizes and `seed` only
+  affect the synthetic dataset.
   """
+  for key in NOT_OPTIONS:
+    if key in options:
+      raise LegoError(f"load_dataset: {key!r} is not an option of loading (the dataset is the "
+                      "first argument; a split is made by split_dataset)")
+  d = config_lib.view("data", {k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                               for k, v in options.items() if v is not None})
   name = str(name_or_path)
-  common = dict(rating_threshold=float(rating_threshold), kcore=int(kcore),
-                age_bins=age_bins or "", attributes=attributes or None)
+  common = dict(rating_threshold=d.rating_threshold, kcore=d.kcore, age_bins=d.age_bins,
+                attributes=list(d.attributes) or None)
   if name == "synthetic":
-    inter, table = synthetic.generate(synthetic_users, synthetic_items, synthetic_density, seed)
+    inter, table = synthetic.generate(d.synthetic_users, d.synthetic_items, d.synthetic_density,
+                                      seed)
     return build("synthetic", inter, table, fmt="synthetic",
-                 extra=(int(synthetic_users), int(synthetic_items),
-                        float(synthetic_density), int(seed)), **common)
-  if format and format not in readers.FORMATS:
-    raise unknown("format", format, readers.FORMATS)
+                 extra=(d.synthetic_users, d.synthetic_items, d.synthetic_density, int(seed)),
+                 **common)
+  if d.format and d.format not in readers.FORMATS:
+    raise unknown("format", d.format, readers.FORMATS)
   try:
-    return _load_files(name, data_dir, format, users_file, common)
+    return _load_files(name, d.data_dir or None, d.format or None, d.users_file or None, common)
   except OSError as e:  # a folder or file we may not list or stat (reads say so themselves)
     raise LegoError(f"{e.filename or name}: cannot read: {e.strerror or e}") from None
 
@@ -314,17 +326,10 @@ def _load_files(name, data_dir, format, users_file, common) -> Dataset:
 def from_config(config: dict) -> tuple[Dataset, Split]:
   """The dataset and split a resolved config (see config.DEFAULTS) asks for."""
   from lego_jax.data.split import split_dataset
-  d = config["data"]
-  seed = int(config.get("seed", 0))
-  ds = load_dataset(
-      d["name"], data_dir=d.get("data_dir") or None, format=d.get("format") or None,
-      users_file=d.get("users_file") or None, attributes=list(d.get("attributes") or []),
-      rating_threshold=d.get("rating_threshold", 0.0), kcore=d.get("kcore", 0),
-      age_bins=d.get("age_bins", ""), synthetic_users=d.get("synthetic_users", 3000),
-      synthetic_items=d.get("synthetic_items", 2000),
-      synthetic_density=d.get("synthetic_density", 0.045), seed=seed)
-  ratios = tuple(float(r) for r in d.get("split_ratios", (0.8, 0.1, 0.1)))
-  return ds, split_dataset(ds, d.get("split", "random"), ratios, seed=seed)
+  d, seed = config["data"], int(config["seed"])
+  ds = load_dataset(d["name"], seed=seed, **{k: v for k, v in d.items() if k not in NOT_OPTIONS})
+  ratios = tuple(float(r) for r in d["split_ratios"])
+  return ds, split_dataset(ds, d["split"], ratios, seed=seed)
 
 
 def describe(ds: Dataset, split: Split) -> dict:

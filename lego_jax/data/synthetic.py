@@ -21,8 +21,9 @@ How it is generated (all from `np.random.default_rng(seed)`):
      popularity bias + Gumbel noise), i.e. sampling n items without
      replacement from the softmax of preference + popularity.
 Items nobody picked are dropped when the dataset is built, so the item count
-can be a little below `n_items`. Defaults (3000 x 2000, density 4.5%) give
-about 270k interactions, like ML-1M's density, in about a second.
+can be a little below `n_items`. The config's default sizes (3000 x 2000,
+density 4.5%) give about 270k interactions, like ML-1M's density, in about a
+second.
 """
 
 import numpy as np
@@ -43,8 +44,8 @@ _OCC_SHARE = 1.0 / np.arange(1, 11) ** 0.7
 OCCUPATION = (tuple(f"occ{k}" for k in range(10)), tuple(_OCC_SHARE / _OCC_SHARE.sum()))
 
 
-def generate(n_users: int = 3000, n_items: int = 2000, density: float = 0.045,
-             seed: int = 0) -> tuple[Interactions, UserTable]:
+def generate(n_users: int, n_items: int, density: float,
+             seed: int) -> tuple[Interactions, UserTable]:
   """Raw interactions and user attributes (see the module doc)."""
   if n_users < 1 or n_items < 2 * MIN_ITEMS:
     raise LegoError(f"synthetic dataset needs >= 1 user and >= {2 * MIN_ITEMS} items, "

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lego_jax import nn
-from lego_jax.config import DEFAULTS
+from lego_jax import config as config_lib, nn
 from lego_jax.errors import LegoError, unknown
 from lego_jax.evaluation import classification_metrics as cm
 
@@ -115,17 +114,8 @@ def inner_validation(y: np.ndarray, val_frac: float,
   return val
 
 
-def _config(config: Optional[dict]) -> dict:
-  cfg = dict(DEFAULTS["attack"])
-  # Share of each training fold held out to pick the step (early stopping);
-  # 0 = a fixed budget of `steps`, the default: on a planted non-linear
-  # signal, stopping on validation cross-entropy stopped too early.
-  cfg.setdefault("val_frac", 0.0)
-  for key, value in (config or {}).items():
-    if key not in cfg:
-      raise unknown("attack config field", key, cfg)
-    cfg[key] = value
-  return cfg
+def _config(attack_cfg: Optional[dict]):
+  return config_lib.view("attack", attack_cfg or {})
 
 
 def _check(embeddings, labels, num_classes, names, attacker, protocol):

@@ -6,8 +6,9 @@ from lego_jax.models.base import Model
 NAMES = ("mf", "ncf", "lightgcn")
 
 
-def get(name: str, model_cfg: dict, train_cfg: dict) -> Model:
-  """The backbone `name` built from the config's model and train tables."""
+def get(name: str, model_cfg, train_cfg) -> Model:
+  """The backbone `name` built from the config's model and train tables (dicts or
+  `config.view`s; fields they lack take the defaults)."""
   if name == "mf":
     from lego_jax.models import mf as mod
   elif name == "ncf":

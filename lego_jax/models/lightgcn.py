@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
+from lego_jax import config
+from lego_jax.models import mf
 from lego_jax.models.base import Model
-from lego_jax.models.mf import bpr_loss, l2_batch, xavier_normal
 
 
 def normalized_edges(train_pairs, n_users, n_items):
@@ -69,14 +70,10 @@ def propagate(ego, aux, n_layers):
   return total / (n_layers + 1)
 
 
-def make(model_cfg: dict, train_cfg: dict) -> Model:
-  dim = int(model_cfg.get("dim", 64))
-  n_layers = int(model_cfg.get("n_layers", 2))
-  l2 = float(train_cfg.get("l2", 0.0))
-
-  def init(key, n_users, n_items):
-    ku, ki = jax.random.split(key)
-    return {"user": xavier_normal(ku, (n_users, dim)), "item": xavier_normal(ki, (n_items, dim))}
+def make(model_cfg, train_cfg) -> Model:
+  """LightGCN from the config's `model` and `train` sections (missing fields: the defaults)."""
+  model = config.view("model", model_cfg)
+  n_layers, l2 = model.n_layers, config.view("train", train_cfg).l2
 
   def build_aux(train_pairs, n_users, n_items):
     dst, src, w = normalized_edges(train_pairs, n_users, n_items)
@@ -94,8 +91,8 @@ def make(model_cfg: dict, train_cfg: dict) -> Model:
     u, ip, ineg = fu[users], fi[pos], fi[neg]
     sp = jnp.sum(u * ip, -1)
     sn = jnp.einsum("bd,bnd->bn", u, ineg)
-    reg = l2_batch(params["user"][users], params["item"][pos], params["item"][neg])
-    return bpr_loss(sp, sn) + l2 * reg
+    reg = mf.l2_batch(params["user"][users], params["item"][pos], params["item"][neg])
+    return mf.bpr_loss(sp, sn) + l2 * reg
 
   def score(params, aux, users, items=None):
     fu, fi = final(params, aux)
@@ -104,10 +101,5 @@ def make(model_cfg: dict, train_cfg: dict) -> Model:
       return u @ fi.T
     return jnp.einsum("bd,btd->bt", u, fi[items])
 
-  def user_table(params):
-    return params["user"]
-
-  def with_user_table(params, table):
-    return {**params, "user": table}
-
-  return Model("lightgcn", init, build_aux, loss, score, user_table, with_user_table)
+  return Model("lightgcn", mf.init_tables(model.dim), build_aux, loss, score, mf.user_table,
+               mf.with_user_table)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 
+from lego_jax import config
 from lego_jax.models.base import Model
 
 
@@ -22,13 +23,26 @@ def l2_batch(*arrays):
   return sum(jnp.sum(a ** 2) for a in arrays) / arrays[0].shape[0]
 
 
-def make(model_cfg: dict, train_cfg: dict) -> Model:
-  dim = int(model_cfg.get("dim", 64))
-  l2 = float(train_cfg.get("l2", 0.0))
-
+def init_tables(dim: int):
+  """`(key, n_users, n_items) -> {"user", "item"}`: Xavier-normal embedding tables."""
   def init(key, n_users, n_items):
     ku, ki = jax.random.split(key)
     return {"user": xavier_normal(ku, (n_users, dim)), "item": xavier_normal(ki, (n_items, dim))}
+  return init
+
+
+def user_table(params):
+  return params["user"]
+
+
+def with_user_table(params, table):
+  return {**params, "user": table}
+
+
+def make(model_cfg, train_cfg) -> Model:
+  """MF-BPR from the config's `model` and `train` sections (missing fields: the defaults)."""
+  dim = config.view("model", model_cfg).dim
+  l2 = config.view("train", train_cfg).l2
 
   def build_aux(train_pairs, n_users, n_items):
     return None
@@ -47,10 +61,4 @@ def make(model_cfg: dict, train_cfg: dict) -> Model:
       return u @ params["item"].T
     return jnp.einsum("bd,btd->bt", u, params["item"][items])
 
-  def user_table(params):
-    return params["user"]
-
-  def with_user_table(params, table):
-    return {**params, "user": table}
-
-  return Model("mf", init, build_aux, loss, score, user_table, with_user_table)
+  return Model("mf", init_tables(dim), build_aux, loss, score, user_table, with_user_table)

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lego_jax import config
 from lego_jax.models.base import Model
 from lego_jax.models.mf import l2_batch, xavier_normal
 
@@ -25,10 +26,10 @@ class Tower(nn.Module):
     return x
 
 
-def make(model_cfg: dict, train_cfg: dict) -> Model:
-  dim = int(model_cfg.get("dim", 64))
-  layers = tuple(int(w) for w in model_cfg.get("mlp_layers", [128, 64]))
-  l2 = float(train_cfg.get("l2", 0.0))
+def make(model_cfg, train_cfg) -> Model:
+  """NeuMF from the config's `model` and `train` sections (missing fields: the defaults)."""
+  model = config.view("model", model_cfg)
+  dim, layers, l2 = model.dim, model.mlp_layers, config.view("train", train_cfg).l2
   tower = Tower(layers)
   # Full-ranking scores run the MLP on every (user, item) pair; map over users
   # in chunks so memory stays at chunk * n_items * width.
