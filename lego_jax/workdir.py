@@ -90,6 +90,21 @@ def _json_default(o):
   raise TypeError(type(o).__name__)
 
 
+def _read_json(path: pathlib.Path):
+  try:
+    return json.loads(path.read_text())
+  except OSError as e:
+    raise LegoError(f"cannot read {path}: {e.strerror or e}") from None
+  except ValueError as e:  # a truncated or hand-edited file
+    raise LegoError(f"{path}: not valid JSON ({e})") from None
+
+
+def _data_info(ds: data_lib.Dataset, split: data_lib.Split) -> dict:
+  """What data.json records: the data a workdir's backbone was trained on."""
+  return {"dataset": ds.name, "dataset_fingerprint": ds.fingerprint,
+          "split_fingerprint": split.fingerprint, "n_users": ds.n_users, "n_items": ds.n_items}
+
+
 def _identity(config: dict, field: str):
   value = config.get(field)
   if field == "data":  # the same files may be reached by another path: data.json checks content
@@ -229,17 +244,14 @@ class Workdir:
 
   @functools.cached_property
   def data(self) -> tuple[data_lib.Dataset, data_lib.Split]:
+    """The dataset and split, refused where data.json records other data. Reading
+    writes nothing: `train` records the data the backbone is trained on."""
     ds, split = data_lib.from_config(self.config)
-    info = {"dataset": ds.name, "dataset_fingerprint": ds.fingerprint,
-            "split_fingerprint": split.fingerprint, "n_users": ds.n_users, "n_items": ds.n_items}
     meta = self.path / "data.json"
     if meta.is_file():
-      old = json.loads(meta.read_text())
-      diffs = _diff(old, info)
+      diffs = _diff(_read_json(meta), _data_info(ds, split))
       if diffs:
         raise LegoError(f"workdir {self.path} was built on other data; differs: {'; '.join(diffs)}")
-    else:
-      write_json(meta, info)
     return ds, split
 
   @property
@@ -280,8 +292,13 @@ class Workdir:
     return writer_lock(self.path)
 
   def train(self, progress: bool = True) -> Backbone:
-    """Trains the backbone, or resumes its interrupted training; returns it."""
+    """Trains the backbone, or resumes its interrupted training; returns it.
+
+    The first call records the data's fingerprints in data.json, so a later
+    command on other data (changed files, another split) is refused."""
     with self.writing():
+      if not (self.path / "data.json").is_file():
+        write_json(self.path / "data.json", _data_info(*self.data))
       return self._load_backbone(progress)
 
   def backbone(self, progress: bool = False) -> Backbone:
