@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lego_jax import nn
 from lego_jax.errors import LegoError, unknown
 from lego_jax.unlearning import calibrators, losses
 
@@ -149,16 +150,6 @@ def _adam(lr):
   return optax.chain(optax.scale_by_adam(), optax.scale(-1.0), optax.scale(lr))
 
 
-def _adv_init(key, d, c):
-  k1, k2 = jax.random.split(key)
-  return {"w1": jax.random.normal(k1, (d, ADV_HIDDEN)) / jnp.sqrt(d), "b1": jnp.zeros(ADV_HIDDEN),
-          "w2": jax.random.normal(k2, (ADV_HIDDEN, c)) / jnp.sqrt(ADV_HIDDEN), "b2": jnp.zeros(c)}
-
-
-def _adv_apply(p, e):
-  return jax.nn.relu(e @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
-
-
 def stratified_batch(key, y, size: int):
   """`size` users drawn systematically from a class-sorted random order.
 
@@ -182,7 +173,7 @@ def init_state(key, e0, spec: Spec, lr) -> State:
   k_cal, k_adv, key = jax.random.split(key, 3)
   params = cal.init(k_cal, e0)
   if spec.loss == "adversarial":
-    adv = _adv_init(k_adv, e0.shape[-1], spec.num_classes)
+    adv = nn.init_head(k_adv, e0.shape[-1], spec.num_classes, ADV_HIDDEN, gain=1.0)
     adv_opt = optax.adam(1e-2).init(adv)
   else:
     adv, adv_opt = (), ()
@@ -211,7 +202,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
     yb = ys[:, users]
     mb = (yb >= 0).astype(e.dtype)
     if spec.loss == "adversarial":
-      mi = losses.prior_kl(_adv_apply(adv, e), yb[0], mb[0], spec.num_classes)[None]
+      mi = losses.prior_kl(nn.head_logits(adv, e), yb[0], mb[0], spec.num_classes)[None]
       null = jnp.zeros_like(mi)
       mi_term = mi[0]
     else:
@@ -239,8 +230,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
     if spec.loss == "adversarial":
       e = jax.lax.stop_gradient(e)
       yb = ys[0, users]
-      g_adv = jax.grad(lambda a: losses.cross_entropy(_adv_apply(a, e), yb,
-                                                      (yb >= 0).astype(e.dtype)))(adv)
+      g_adv = jax.grad(lambda a: nn.cross_entropy(nn.head_logits(a, e), yb))(adv)
       upd, adv_opt = optax.adam(1e-2).update(g_adv, adv_opt, adv)
       adv = optax.apply_updates(adv, upd)
     return State(params, opt_state, adv, adv_opt, key, state.step + live.astype(jnp.int32)), trace

@@ -224,13 +224,6 @@ def prior_kl(logits, y, m, num_classes: int) -> jax.Array:
   return jnp.sum(kl * m) / jnp.maximum(m.sum(), 1.0)
 
 
-def cross_entropy(logits, y, m) -> jax.Array:
-  """The auxiliary classifier's own loss (masked)."""
-  logq = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logq, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
-  return jnp.sum(nll * m) / jnp.maximum(m.sum(), 1.0)
-
-
 def rank_hinge(scores: jax.Array, margin: float, guard: int = 0) -> jax.Array:
   """Ranking preservation: order flips in each user's original top-T list.
 
