@@ -18,6 +18,15 @@ TINY = [
 ]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  # Real-data checks read MovieLens files and take minutes: the fast tier
+  # (`-m "not slow"`) leaves them to the full suite with the rest.
+  for item in items:
+    if item.get_closest_marker("realdata"):
+      item.add_marker(pytest.mark.slow)
+
+
 def tiny_config(*extra):
   return config_lib.resolve(None, TINY + list(extra))
 

@@ -55,6 +55,7 @@ class TestReverseGradient(chex.TestCase):
     np.testing.assert_allclose(rev(x), -3.0 * jax.grad(f)(x), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_reversal_flips_embedding_gradients_only():
   split, labels, classes, _ = planted()
   base = mf(tiny_config())
@@ -82,6 +83,7 @@ def test_reversal_flips_embedding_gradients_only():
                              atol=1e-6)
 
 
+@pytest.mark.slow
 def test_wrapper_delegates_to_base_and_trains():
   split, labels, classes, _ = planted()
   cfg = tiny_config(epochs=3)
@@ -114,6 +116,7 @@ def _train(weight, objective="reverse"):
   return base, res.params, labels[:1], classes[:1]
 
 
+@pytest.mark.slow
 def test_weight_zero_trains_the_backbone_as_without_heads():
   split, _, _, _ = planted()
   base, params, _, _ = _train(0.0)
@@ -121,6 +124,7 @@ def test_weight_zero_trains_the_backbone_as_without_heads():
   chex.assert_trees_all_close(params["base"], alone.params, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reversal_raises_the_heads_cross_entropy():
   base, p0, y, _ = _train(0.0)
   _, p1, _, _ = _train(1.0, "reverse")
@@ -129,6 +133,7 @@ def test_reversal_raises_the_heads_cross_entropy():
   assert ce1 > ce0 + 0.05, (ce0, ce1)
 
 
+@pytest.mark.slow
 def test_confusion_lowers_linear_leakage():
   base, p0, y, c = _train(0.0)
   _, p1, _, _ = _train(1.0, "confusion")

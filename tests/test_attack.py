@@ -113,6 +113,7 @@ def test_paper_splits_train_fraction():
 # ---------------------------------------------------------------- the attackers
 
 
+@pytest.mark.slow
 def test_train_and_predict_ignores_padding():
   x, y, _ = _data(n=200, dim=4, classes=(3,), shift=1.0)
   fn = jax.jit(functools.partial(attack_lib.train_and_predict, attacker="mlp", hidden=8))
@@ -134,7 +135,7 @@ def test_train_and_predict_ignores_padding():
   chex.assert_trees_all_close(fn(jnp.asarray(x), padded, *rest), probs, atol=1e-6)
 
 
-@pytest.mark.parametrize("attacker", ["mlp", "linear", "knn"])
+@pytest.mark.parametrize("attacker", [pytest.param("mlp", marks=pytest.mark.slow), "linear", "knn"])
 def test_gaussian_noise_leaks_nothing(attacker):
   x, y, classes = _data(n=2000, dim=16)
   out = attack_lib.attack(x, y, classes, attacker=attacker, seed=0)
@@ -181,6 +182,7 @@ def test_early_stopping_option_finds_signal():
     assert r["bacc"] > r["chance"] + 0.2, r
 
 
+@pytest.mark.slow
 def test_vmapped_equals_python_loop():
   x, y, classes = _data()
   vm, *_ = attack_lib.attack_probs(x, y, classes, config=FAST)

@@ -42,6 +42,7 @@ def test_user_mistakes_exit_2_with_one_line(capsys, argv, message):
   assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_workdir_commands(capsys, fresh_workdir, tmp_path):
   wd = str(fresh_workdir)
   code, out, _ = run_cli(capsys, "unlearn", "--workdir", wd, "--attributes", "gender,age")
@@ -89,6 +90,7 @@ def test_workdir_commands(capsys, fresh_workdir, tmp_path):
   assert z["attr_age"].min() >= -1
 
 
+@pytest.mark.slow
 def test_main_job_writes_results_report_and_plots(tmp_path):
   cfg = tiny_config("run.sweep=[1.0, 100.0]")
   results = experiment.train_and_evaluate(cfg, tmp_path / "run", progress=False)
@@ -109,6 +111,7 @@ def test_main_job_writes_results_report_and_plots(tmp_path):
   assert results["methods"]["lego"]["ranking"] == stored["methods"]["lego"]["ranking"]
 
 
+@pytest.mark.slow
 def test_failing_stage_is_named_and_finished_stages_kept(tmp_path, monkeypatch):
   cfg = tiny_config("run.methods=[\"lego\", \"leace\"]")
 
@@ -142,6 +145,7 @@ def test_a_bug_inside_a_stage_shows_its_traceback_only_with_debug(capsys, monkey
   assert ("rerun with `lego-jax --debug" in err) != debug
 
 
+@pytest.mark.slow
 def test_a_stage_is_redone_only_when_its_own_settings_change(tmp_path, monkeypatch):
   run = tmp_path / "run"
   experiment.train_and_evaluate(tiny_config("run.methods=[\"lego\", \"leace\"]"), run,
@@ -162,6 +166,7 @@ def test_a_stage_is_redone_only_when_its_own_settings_change(tmp_path, monkeypat
   assert calls == ["lego"]
 
 
+@pytest.mark.slow
 def test_grid_writes_one_table_with_a_row_per_method_and_backbone(tmp_path):
   from tests.conftest import TINY
   text = experiment.grid(["synthetic_mf", "synthetic_lightgcn"], tmp_path,

@@ -151,13 +151,9 @@ def test_a_view_fills_defaults_and_refuses_unknown_fields_and_types():
 
 
 def test_backbones_take_their_defaults_from_the_table():
-  model = models.get("ncf", {}, {})
+  model = models.get("mf", {}, {"l2": 0.0})
   params = model.init(jax.random.PRNGKey(0), 3, 4)
-  dim = config_lib.DEFAULTS["model"]["dim"]
-  assert model.user_table(params).shape == (3, 2 * dim)
-  widths = [params["mlp"][f"Dense_{i}"]["bias"].shape[0]
-            for i in range(len(config_lib.DEFAULTS["model"]["mlp_layers"]))]
-  assert widths == config_lib.DEFAULTS["model"]["mlp_layers"]
+  assert model.user_table(params).shape == (3, config_lib.DEFAULTS["model"]["dim"])
 
 
 def test_name_lists_copied_from_the_data_package_agree():

@@ -232,6 +232,7 @@ def _probe_bacc(ds, name, seed=0):
   return np.mean([np.mean(pred[y[te] == k] == k) for k in range(c)]), 1 / c
 
 
+@pytest.mark.slow
 def test_synthetic_attributes_leak():
   ds = load_dataset("synthetic", synthetic_users=1000, synthetic_items=400, seed=3)
   for name, margin in (("gender", 0.1), ("age", 0.08), ("occupation", 0.015)):
@@ -408,6 +409,7 @@ def test_missing_attribute_codes_are_minus_one():
   assert (ds.attributes["age"].codes == MISSING).sum() == 2
 
 
+@pytest.mark.slow
 def test_fingerprint_stable_across_processes():
   """Fingerprints are compared across runs: no dependence on hash randomisation."""
   code = ("from lego_jax.data import load_dataset as l; "

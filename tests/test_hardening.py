@@ -283,6 +283,7 @@ def train_tiny(capsys, folder, wd):
   assert code == 0, err
 
 
+@pytest.mark.slow
 def test_attack_without_a_users_file_says_there_are_no_attributes(capsys, tmp_path):
   wd = tmp_path / "wd"
   train_tiny(capsys, tiny_recbole(tmp_path / "plain"), wd)
@@ -292,6 +293,7 @@ def test_attack_without_a_users_file_says_there_are_no_attributes(capsys, tmp_pa
   assert "no user attributes" in err
 
 
+@pytest.mark.slow
 def test_attributes_without_labelled_users_are_refused(capsys, tmp_path):
   wd = tmp_path / "wd"
   train_tiny(capsys, tiny_recbole(tmp_path / "empty", "user_id:token\tgender:token\tage:token"), wd)

@@ -2,6 +2,7 @@
 
 
 import numpy as np
+import pytest
 
 from lego_jax import experiment
 from lego_jax import methods as baselines
@@ -9,6 +10,7 @@ from lego_jax.workdir import Workdir
 from tests.conftest import TINY, tiny_config
 
 
+@pytest.mark.slow
 def test_main_job_runs_with_other_ranking_cutoffs(tmp_path):
   # eval.ks other than [10, 20] crashed the report, which reads @10 and @20.
   config = tiny_config("eval.ks=[5]", 'run.methods=["leace"]', 'run.attackers=["linear"]')
@@ -19,6 +21,7 @@ def test_main_job_runs_with_other_ranking_cutoffs(tmp_path):
   assert (tmp_path / "run" / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_adversarial_baseline_is_keyed_on_its_settings(fresh_workdir, tmp_path):
   # Changing run.adversarial_weight reported the model trained with the old weight.
   wd = Workdir.open(fresh_workdir)
@@ -63,6 +66,7 @@ def test_run_ends_with_results_files_and_verdict(tmp_path, capsys):
   assert "Config:" not in out and len(out.splitlines()) < 20
 
 
+@pytest.mark.slow
 def test_long_stages_say_what_they_do(fresh_workdir, capsys):
   # Requests ran for minutes without a word: calibration has a bar, and the
   # combination and every probe reading of the closed loop a line each.

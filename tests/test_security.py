@@ -69,6 +69,7 @@ def _tree(root: pathlib.Path) -> dict:
   return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_hostile_attribute_names_write_nothing_outside_the_workdir(tmp_path):
   folder = _hostile_dataset(tmp_path)
   victim = tmp_path / "victim"
@@ -119,6 +120,7 @@ def _damage(path: pathlib.Path, how: str) -> None:
     path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + k]) + data[mid + k:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["backbone", "bricks/gender", "combination"])
 def test_every_damaged_checkpoint_file_is_refused_or_harmless(capsys, tmp_path, unlearned_workdir,
                                                               stage):
@@ -164,6 +166,7 @@ def test_flipped_brick_bytes_are_caught_by_the_checksum(tmp_path, unlearned_work
     checkpoint.restore(d)
 
 
+@pytest.mark.slow
 def test_brick_from_another_backbone_is_refused(tmp_path, unlearned_workdir):
   other = tmp_path / "other"
   config = tiny_config("train.lr=0.02")  # same data and split, another training
@@ -187,6 +190,7 @@ with writer_lock(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_while_readers_work(capsys, tmp_path, unlearned_workdir):
   wd = tmp_path / "wd"
   shutil.copytree(unlearned_workdir, wd)

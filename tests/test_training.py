@@ -47,6 +47,7 @@ def build(name, **train):
   return tiny_model(name), tiny_config(name, **train)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", models.NAMES)
 def test_loss_decreases(name):
   model, cfg = build(name)
@@ -61,6 +62,7 @@ def test_loss_decreases(name):
 
 # NCF is left out only for time: op-by-op execution compiles every primitive
 # of its flax tower separately (~30 s on 2 cores); its scan is the same code.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mf", "lightgcn"])
 def test_jit_epoch_equals_unjitted_steps(name):
   model, cfg = build(name, batch_size=32)
@@ -82,6 +84,7 @@ def test_jit_epoch_equals_unjitted_steps(name):
   chex.assert_trees_all_close(jitted, (params, opt_state, np.mean(losses)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mf", "lightgcn"])
 def test_resume_equals_uninterrupted(name, tmp_path):
   model, cfg = build(name, epochs=5, eval_every=2)

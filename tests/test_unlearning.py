@@ -76,6 +76,7 @@ def test_mi_estimate_asks_for_full_float32_products(estimator):
   assert all(p is not None and all(x == highest for x in p) for p in precisions), precisions
 
 
+@pytest.mark.slow
 def test_population_linear_kernel_sees_every_user_and_has_a_lower_null():
   rng = np.random.default_rng(3)
   n = 600
@@ -150,6 +151,7 @@ def test_random_features_approximate_the_rbf_kernel():
     np.testing.assert_allclose(phi @ phi.T, k, atol=0.03)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["kernel", "features"])
 def test_mi_estimate_sees_a_planted_signal_and_not_a_permuted_one(estimator):
   rng = np.random.default_rng(6)
@@ -174,6 +176,7 @@ def test_losses_of_class_centred_rows_cannot_move_class_means():
     np.testing.assert_allclose(np.asarray(g)[np.asarray(y) == c].sum(0), 0.0, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["kernel", "features"])
 def test_centred_kernels_see_shape_and_the_linear_kernel_sees_location(estimator):
   rng = np.random.default_rng(8)
@@ -192,6 +195,7 @@ def test_centred_kernels_see_shape_and_the_linear_kernel_sees_location(estimator
   assert ratio["scaled"][0] < 3 and (ratio["scaled"][1:] > 10).all()
 
 
+@pytest.mark.slow
 def test_centred_estimate_with_the_linear_kernel_alone():
   # `bandwidths = []` leaves the class means: one kernel, whatever `centre` says.
   rng = np.random.default_rng(9)
@@ -204,6 +208,7 @@ def test_centred_estimate_with_the_linear_kernel_alone():
     assert float(mi[0, 0] / null[0, 0]) > 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", calibration.LINEAR_SCOPES)
 def test_spec_mi_with_the_linear_kernel_alone(scope):
   rng = np.random.default_rng(10)
@@ -277,6 +282,7 @@ def hparams(k):
   return calibration.HParams(*(jnp.full((k,), v, jnp.float32) for v in (1.0, 1.0, 0.1, 0.02)))
 
 
+@pytest.mark.slow
 def test_vmapped_calibration_equals_python_loop():
   target, labels, score = problem()
   keys = jnp.stack([attribute_key(0, "a"), attribute_key(0, "b")])
@@ -290,6 +296,7 @@ def test_vmapped_calibration_equals_python_loop():
   assert float(jnp.abs(bricks).max()) > 0  # it moved
 
 
+@pytest.mark.slow
 class CalibrateOneTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -305,6 +312,7 @@ class CalibrateOneTest(chex.TestCase):
                                 atol=1e-5)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bricks_other_seed_differs():
   target, labels, score = problem()
   run = lambda seed: calibration.calibrate(
@@ -314,6 +322,7 @@ def test_same_seed_same_bricks_other_seed_differs():
   assert not np.allclose(run(0), run(1))
 
 
+@pytest.mark.slow
 def test_chunked_resume_equals_uninterrupted():
   target, labels, score = problem()
   keys = jnp.stack([attribute_key(0, "a"), attribute_key(0, "b")])
@@ -337,6 +346,7 @@ def test_chunked_resume_equals_uninterrupted():
 
 @pytest.mark.parametrize("loss,calibrator", [("d2d", "table"), ("adversarial", "table"),
                                              ("mmd", "residual")])
+@pytest.mark.slow
 def test_loss_and_calibrator_options_run_and_reduce_leak(loss, calibrator):
   target, labels, score = problem(n=200)
   spec = calibration.Spec(num_classes=3, steps=40, batch_users=0, loss=loss, calibrator=calibrator)
@@ -352,6 +362,7 @@ def test_loss_and_calibrator_options_run_and_reduce_leak(loss, calibrator):
   assert gap(e0 + np.asarray(brick)) < 0.7 * gap(e0)
 
 
+@pytest.mark.slow
 def test_joint_labels_sum_attributes_in_one_table():
   target, labels, score = problem()
   hp = jax.tree.map(lambda x: x[0], hparams(1))
@@ -398,6 +409,7 @@ def test_convex_combination_weights_sum_to_one():
   assert float(coef[1, 0]) == 0.0
 
 
+@pytest.mark.slow
 def test_fit_reduces_mi_of_active_attributes():
   target, labels, score = problem(n=200)
   keys = jnp.stack([attribute_key(0, "a"), attribute_key(0, "b")])
@@ -420,6 +432,7 @@ def brick_mtimes(path):
           for d in (path / "bricks").iterdir() if not d.name.startswith(".")}
 
 
+@pytest.mark.slow
 def test_requests_reuse_bricks_and_match_direct_unlearning(fresh_workdir):
   u = Unlearner(Workdir.open(fresh_workdir), progress=False)
   assert u.calibrate(["gender", "age", "occupation"]) == ["gender", "age", "occupation"]
@@ -441,6 +454,7 @@ def test_requests_reuse_bricks_and_match_direct_unlearning(fresh_workdir):
     u.add("religion")
 
 
+@pytest.mark.slow
 def test_unlearn_redoes_bricks_made_under_other_settings_and_requests_do_not(fresh_workdir):
   Unlearner(Workdir.open(fresh_workdir), progress=False).unlearn(["gender", "age"])
   before = brick_mtimes(fresh_workdir)
@@ -454,6 +468,7 @@ def test_unlearn_redoes_bricks_made_under_other_settings_and_requests_do_not(fre
   assert u.stale() == ["age"]
 
 
+@pytest.mark.slow
 def test_per_attribute_values_redo_only_that_brick(fresh_workdir):
   Unlearner(Workdir.open(fresh_workdir), progress=False).unlearn(["gender", "age"])
   before = brick_mtimes(fresh_workdir)
@@ -476,6 +491,7 @@ def test_a_preserved_list_longer_than_the_catalogue_is_refused(fresh_workdir):
     Unlearner(wd, progress=False).unlearn(["gender"])
 
 
+@pytest.mark.slow
 def test_single_active_brick_reproduces_that_brick(fresh_workdir):
   wd = Workdir.open(fresh_workdir)
   u = Unlearner(wd, progress=False)
@@ -486,6 +502,7 @@ def test_single_active_brick_reproduces_that_brick(fresh_workdir):
   assert rel < 0.5
 
 
+@pytest.mark.slow
 def test_interrupted_calibration_resumes(fresh_workdir):
   wd = Workdir.open(fresh_workdir)
   want = Unlearner(wd, progress=False)
@@ -519,6 +536,7 @@ def test_interrupted_calibration_resumes(fresh_workdir):
   assert not (other / "bricks" / IN_PROGRESS).exists()
 
 
+@pytest.mark.slow
 def test_brick_from_another_backbone_is_refused(fresh_workdir):
   wd = Workdir.open(fresh_workdir)
   Unlearner(wd, progress=False).calibrate(["gender"])

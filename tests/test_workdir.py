@@ -55,6 +55,7 @@ def _write_interactions(folder: pathlib.Path, rows) -> None:
   (folder / "mine.inter").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 def test_data_files_changed_after_training_are_refused(tmp_path):
   rng = np.random.default_rng(0)
   rows = [(u, i) for u in range(40) for i in rng.choice(30, size=8, replace=False)]
