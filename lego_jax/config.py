@@ -70,60 +70,37 @@ DEFAULTS: dict[str, Any] = {
         "paper_train_frac": 0.2,
     },
     "unlearn": {
-        "attributes": [],         # empty = all attributes of the dataset
-        "loss": "mmd",            # mmd | d2d | adversarial
-        "calibrator": "table",    # table | residual
-        # Adam moves every coordinate by about lr per step whatever the
-        # gradient's size, so lr * steps bounds how far a user can move. The
-        # closed loop (control) extends a move that stopped short, so 400 steps
-        # (600 before it) pay for its probe readings (docs/results.md).
+        "attributes": [],
+        "loss": "mmd",
+        "calibrator": "table",
         "steps": 400,
         "lr": 3e-3,
-        "w_mi": 1.0,              # weight of MI / null-level (dimensionless)
-        "lam_rank": 300.0,        # weight of the top-T hinge (in units of the score spread)
-        # The pull toward the original row keeps a brick to what its attribute
-        # needs: without it the minibatch noise of the MI estimate drifts every
-        # row, and three bricks' drifts add up (docs/findings.md, "Utility").
+        "w_mi": 1.0,
+        "lam_rank": 300.0,
         "l2": 10.0,
-        # Class-stratified minibatch: `batch_users` users where > 0, else
-        # `batch_fraction` of them. Steps that see every user overshoot below
-        # chance; a sixth of the users worked on 943 and 6040 users alike
-        # (docs/findings.md, "ML-100K").
         "batch_users": 0,
         "batch_fraction": 0.17,
         "topk": 20,
-        "guard": 30,              # items after the top-T held below it by the same hinge
+        "guard": 30,
         "margin": 0.05,
-        # The MI estimate: one hinge per kernel (`hinge`), each stopped at its
-        # own permuted-label level (`stop`). The class means are measured by a
-        # linear kernel and the RBF kernels see class-centred rows (`centre`),
-        # so removing a nonlinear signal cannot over-balance the means, which
-        # is what sent the linear probe below chance (docs/findings.md, over-unlearning).
         "linear_kernel": True,
-        "linear_scope": "batch",  # batch | population (the linear kernel over every user)
+        "linear_scope": "batch",
         "centre": True,
-        "bandwidths": [-2, -1, 0, 1, 2],  # RBF kernel bandwidths beta * 2^j
-        "hinge": "kernel",        # kernel | sum (one hinge on the sum of the kernels)
-        "stop": "null",           # null | two-sided | steps (see losses.excess_mi)
-        "estimator": "kernel",    # kernel (B x B matrices) | features (random Fourier, O(B F))
-        "features": 512,          # random features per bandwidth (estimator = features)
-        "null_perms": 1,          # label permutations averaged for the null level
-        "ckpt_every": 50,         # steps between checkpoints of a calibration in progress
-        # The closed loop (lego_jax/unlearning/control.py): after calibration,
-        # and again after combination, a gain per attribute sets how far its
-        # move goes, read from cross-fitted probes, so that every probe lands
-        # within `target_leakage` of chance (both directions) while validation
-        # NDCG@10 keeps `min_retention` of the original.
-        "control": "probe",       # probe | none
-        "target_leakage": 0.01,   # |BAcc - chance| the loop aims for, per attribute and probe
-        "min_retention": 0.95,    # utility floor: validation NDCG@10 after / before
-        "probes": ["linear", "mlp"],  # steering attackers (the `attack` settings)
-        "probe_folds": 5,         # as the attackers that judge: the below-chance artifact depends on it
-        "probe_repeats": 0,       # fold splits averaged per reading; 0 = about 4000 users scored
-        "control_rounds": 4,      # search rounds; each reads the probes on two tables
-        "max_gain": 4.0,          # how far a move that stopped short may be extended
-        # Per-attribute values of the weights above, keyed by attribute name,
-        # e.g. `--set unlearn.per_attribute.age.lam_rank=100`.
+        "bandwidths": [-2, -1, 0, 1, 2],
+        "hinge": "kernel",
+        "stop": "null",
+        "estimator": "kernel",
+        "features": 512,
+        "null_perms": 1,
+        "ckpt_every": 50,
+        "control": "probe",
+        "target_leakage": 0.01,
+        "min_retention": 0.95,
+        "probes": ["linear", "mlp"],
+        "probe_folds": 5,
+        "probe_repeats": 0,
+        "control_rounds": 4,
+        "max_gain": 4.0,
         "per_attribute": {},
     },
     "combine": {
@@ -228,12 +205,12 @@ DESCRIPTIONS: dict[str, str] = {
                         "(per attribute settable)",
     "unlearn.l2": "weight of the pull toward the original row (per attribute settable): "
                   "without it the minibatch noise of the MI estimate drifts every row, and "
-                  "the bricks' drifts add up",
+                  "the bricks' drifts add up (docs/findings.md)",
     "unlearn.batch_users": "class-stratified minibatch size; 0 = `batch_fraction` of the users",
     "unlearn.batch_fraction": "the minibatch as a fraction of the users (at least 32) where "
                               "`batch_users` is 0: steps that see every user overshoot below "
-                              "chance, and about a sixth served 943 and 6040 users alike; "
-                              "1 = every user",
+                              "chance, and about a sixth served 943 and 6040 users alike "
+                              "(docs/findings.md); 1 = every user",
     "unlearn.topk": "T: each user's original top-T unseen items keep their order",
     "unlearn.guard": "items after the top-T held below it by the same hinge",
     "unlearn.margin": "hinge margin, in units of the score spread",
@@ -241,7 +218,8 @@ DESCRIPTIONS: dict[str, str] = {
     "unlearn.linear_scope": "the linear kernel on the minibatch (`batch`), or `population` "
                             "(every user, O(n D))",
     "unlearn.centre": "RBF kernels on class-centred rows, so removing a nonlinear signal "
-                      "cannot move the class means (which sent the linear probe below chance)",
+                      "cannot move the class means (which sent the linear probe below "
+                      "chance, docs/findings.md)",
     "unlearn.bandwidths": "RBF bandwidths beta * 2^j (beta: mean pairwise squared distance)",
     "unlearn.hinge": "`kernel`: each kernel stopped at its own null; `sum`: one hinge on the "
                      "sum of the kernels",
