@@ -153,6 +153,7 @@ def test_every_damaged_checkpoint_file_is_refused_or_harmless(capsys, tmp_path, 
   assert refused >= len(files)  # at least one form of damage to each file was caught
 
 
+@pytest.mark.slow
 def test_flipped_brick_bytes_are_caught_by_the_checksum(tmp_path, unlearned_workdir):
   wd = tmp_path / "wd"
   shutil.copytree(unlearned_workdir, wd)
