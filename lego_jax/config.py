@@ -74,10 +74,13 @@ DEFAULTS: dict[str, Any] = {
         "loss": "mmd",
         "calibrator": "table",
         "steps": 400,
-        "lr": 3e-3,
+        # lr and l2 are in units of the table's spread (the RMS deviation of a
+        # coordinate), so they mean the same on every backbone; 0.0085 and 1.2
+        # are the former 3e-3 and 10 on ML-1M MF, whose spread is 0.35.
+        "lr": 0.0085,
         "w_mi": 1.0,
         "lam_rank": 300.0,
-        "l2": 10.0,
+        "l2": 1.2,
         "batch_users": 0,
         "batch_fraction": 0.17,
         "topk": 20,
@@ -104,12 +107,14 @@ DEFAULTS: dict[str, Any] = {
         "per_attribute": {},
     },
     "combine": {
-        "mode": "dim",
+        "mode": "scalar",
         "steps": 100,
         "lr": 1e-2,
         "w_mi": 1.0,
         "lam_rank": 200.0,
         "init": "uniform",
+        "stop": "steps",
+        "linear_scope": "batch",
     },
     "run": {
         "methods": ["lego", "joint", "sequential", "leace", "adversarial"],
@@ -195,17 +200,20 @@ DESCRIPTIONS: dict[str, str] = {
                     "`adversarial` (prior-KL against an auxiliary classifier)",
     "unlearn.calibrator": "`table` (free per-user offset) or `residual` (one shared map "
                           "e ↦ e + g(e))",
-    "unlearn.steps": "optimiser steps per brick; Adam moves a coordinate about `lr` per step "
-                     "whatever the gradient, so `lr × steps` bounds how far a user moves "
-                     "(the closed loop extends a move that stopped short)",
-    "unlearn.lr": "Adam learning rate (per attribute settable)",
+    "unlearn.steps": "optimiser steps per brick; Adam moves a coordinate about `lr` spreads "
+                     "per step whatever the gradient, so `lr × steps` bounds how far a user "
+                     "moves (the closed loop extends a move that stopped short)",
+    "unlearn.lr": "Adam learning rate in units of the table's spread (the RMS deviation of a "
+                  "coordinate), so it means the same on every backbone (per attribute settable)",
     "unlearn.w_mi": "weight of the MI estimate in units of its null level (dimensionless; "
-                    "per attribute settable)",
+                    "per attribute settable; the closed loop raises it for an attribute whose "
+                    "removal stalls)",
     "unlearn.lam_rank": "weight of the top-T ranking hinge, in units of the score spread "
                         "(per attribute settable)",
-    "unlearn.l2": "weight of the pull toward the original row (per attribute settable): "
-                  "without it the minibatch noise of the MI estimate drifts every row, and "
-                  "the bricks' drifts add up (docs/findings.md)",
+    "unlearn.l2": "weight of the pull toward the original row, in units of the table's "
+                  "spread (per attribute settable): without it the minibatch noise of the MI "
+                  "estimate drifts every row, and the bricks' drifts add up "
+                  "(docs/findings.md); the closed loop loosens it where removal stalls",
     "unlearn.batch_users": "class-stratified minibatch size; 0 = `batch_fraction` of the users",
     "unlearn.batch_fraction": "the minibatch as a fraction of the users (at least 32) where "
                               "`batch_users` is 0: steps that see every user overshoot below "
@@ -231,9 +239,10 @@ DESCRIPTIONS: dict[str, str] = {
     "unlearn.null_perms": "label permutations averaged for the null level",
     "unlearn.ckpt_every": "steps between checkpoints of a calibration in progress (also the "
                           "compiled chunk)",
-    "unlearn.control": "the closed loop: `probe` sets each attribute's gains from "
-                       "cross-fitted probes after calibration and after combination; `none` "
-                       "keeps the calibration's moves as they are",
+    "unlearn.control": "the closed loop: `probe` reads cross-fitted probes during "
+                       "calibration (each attribute's MI weight and pull), after it and after "
+                       "the combination (each attribute's gains); `none` keeps the "
+                       "calibration's moves as they are",
     "unlearn.target_leakage": "the loop stops moving an attribute once every probe reads "
                               "within this of chance (BAcc - chance, both directions)",
     "unlearn.min_retention": "utility floor: the combined table's validation NDCG@10 over the "
@@ -254,14 +263,21 @@ DESCRIPTIONS: dict[str, str] = {
                              "attribute name (`--set unlearn.per_attribute.age.l2=1`)",
 
     "combine": "Flexible Combination (uses the `unlearn` estimator, minibatch, margin and "
-               "guard)",
-    "combine.mode": "weights per attribute and dimension (`dim`), per attribute (`scalar`), "
-                    "or a convex combination of the calibrated tables (`convex`)",
+               "guard, except for its own `stop` and `linear_scope`)",
+    "combine.mode": "one weight per attribute (`scalar`: each brick keeps the direction its "
+                    "calibration chose), per attribute and dimension (`dim`), or a convex "
+                    "combination of the calibrated tables (`convex`)",
     "combine.steps": "Adam steps",
     "combine.lr": "Adam learning rate",
     "combine.w_mi": "weight of the active attributes' excess MI",
     "combine.lam_rank": "weight of the ranking hinge",
     "combine.init": "starting weights: `uniform` (1/number of active bricks) or `ones`",
+    "combine.stop": "the stopping rule of the combination's MI estimate (as `unlearn.stop`): "
+                    "`steps` keeps pushing below the minibatch's permuted-label level, which "
+                    "the weights (not free rows) cannot overfit",
+    "combine.linear_scope": "where the combination measures the class means (as "
+                            "`unlearn.linear_scope`): `population` sees every user, so its "
+                            "permuted-label level is that of the attackers' data",
 
     "run": "the main job (`lego-jax run`, `lego-jax grid`)",
     "run.methods": "methods run and compared",
@@ -725,6 +741,8 @@ CONSTRAINTS = {
     "combine.w_mi": NON_NEGATIVE,
     "combine.lam_rank": NON_NEGATIVE,
     "combine.init": _one_of(*COMBINE_INITS),
+    "combine.stop": _one_of(*STOPS),
+    "combine.linear_scope": _one_of(*LINEAR_SCOPES),
     "run.attackers": _each(_one_of(*ATTACKERS)),
     "run.sweep": _each(NON_NEGATIVE),
     "run.adversarial_objective": _one_of(*ADVERSARIAL_OBJECTIVES),

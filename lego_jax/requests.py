@@ -308,27 +308,51 @@ class Unlearner:
     keys = jnp.stack([attribute_key(self.wd.config["seed"], n) for n in todo])
     settings = {"attributes": todo, "bricks": {n: self.brick_settings(n) for n in todo},
                 "chunk": spec.chunk, **self._identity()}
-    state = self._resume(settings, calibration.init_states(keys, target.e0, hps.lr, spec=spec))
+    state, strength = self._resume(settings,
+                                   calibration.init_states(keys, target.e0, hps.lr, spec=spec))
+    # The MI weight and pull the control loop has reached (control.strength_step).
+    strength = strength or {"w_mi": np.asarray(hps.w_mi).tolist(), "l2": np.asarray(hps.l2).tolist()}
+    hps = hps._replace(**{f: jnp.asarray(v, jnp.float32) for f, v in strength.items()})
     bb = self.wd.backbone(progress=False)
     bar = _progress(self.progress, spec.steps, f"calibrating {','.join(todo)}")
-    start = 0 if state is None else int(np.min(state.step))
-    bar.update(start)
+    at = [0 if state is None else int(np.min(state.step))]   # the step reached so far
+    bar.update(at[0])
+    checks = self._strength_checks(spec.steps)
+    readings = []   # at the checks passed in this call (a resumed run starts its baseline anew)
 
-    def on_chunk(st):
+    def adjust(st, hps):
+      """The strength's dual step at each check the last chunk passed, then a checkpoint."""
       step = int(np.min(st.step))
-      bar.update(step - bar.n)
-      if step < spec.steps:
-        checkpoint.save(self.bricks_dir / IN_PROGRESS, checkpoint.flatten(st), settings)
+      if any(at[0] < c <= step for c in checks):
+        tables = target.e0[None] + calibration.bricks(st, target.e0, spec=spec)
+        reading = self._read(np.asarray(tables), todo)
+        w_mi, l2 = np.asarray(hps.w_mi), np.asarray(hps.l2)
+        if readings:
+          w_mi, l2 = control.strength_step(reading, readings[-1], w_mi, l2,
+                                           float(self.cfg["target_leakage"]))
+        readings.append(reading)
+        self._say(f"control, step {step}: " + "; ".join(
+            f"{n} " + " ".join(f"{p} {reading.signed[i, a]:+.3f}" for i, p in
+                               enumerate(reading.probes)) + f" -> w_mi {w_mi[a]:.3g} l2 {l2[a]:.3g}"
+            for a, n in enumerate(todo)))
+        hps = hps._replace(w_mi=jnp.asarray(w_mi, jnp.float32), l2=jnp.asarray(l2, jnp.float32))
+      bar.update(step - at[0])
+      at[0] = step
+      strength.update(w_mi=[float(x) for x in hps.w_mi], l2=[float(x) for x in hps.l2])
+      checkpoint.save(self.bricks_dir / IN_PROGRESS, checkpoint.flatten(st),
+                      {**settings, "strength": strength})
+      return hps
 
     bricks, state, trace = calibration.calibrate(target, labels, hps, keys, spec=spec,
-                                                 score_fn=bb.score, state=state,
-                                                 on_chunk=on_chunk)
+                                                 score_fn=bb.score, state=state, adjust=adjust)
+    bar.update(spec.steps - at[0])
     bar.close()
     bricks = np.asarray(bricks)
     gains, leakage = self._control_bricks(todo, bricks)
     for k, name in enumerate(todo):
       meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
               "settings": self.brick_settings(name), "gain": [float(x) for x in gains[k]],
+              "strength": {f: v[k] for f, v in strength.items()},
               "leakage": None if leakage is None else leakage[name],
               "final_mi": float(trace.mi[k, -1, 0]), "final_null": float(trace.null[k, -1, 0]),
               "final_rank": float(trace.rank[k, -1]), **self._identity()}
@@ -339,15 +363,24 @@ class Unlearner:
     shutil.rmtree(self.bricks_dir / IN_PROGRESS, ignore_errors=True)
     return todo
 
-  def _resume(self, settings: dict, template) -> Optional[calibration.State]:
+  def _resume(self, settings: dict, template) -> tuple[Optional[calibration.State], Optional[dict]]:
+    """The interrupted calibration of the same attributes and settings, with the
+    strength the control loop had reached; (None, None) where there is none."""
     d = self.bricks_dir / IN_PROGRESS
     if not checkpoint.exists(d):
-      return None
+      return None, None
     tree, meta = checkpoint.restore(d)
+    strength = meta.pop("strength", None)
     if meta != settings:   # another request was interrupted: start afresh
       shutil.rmtree(d, ignore_errors=True)
-      return None
-    return checkpoint.unflatten(template, tree)
+      return None, None
+    return checkpoint.unflatten(template, tree), strength
+
+  def _strength_checks(self, steps: int) -> list[int]:
+    """The steps after which the probes set the strength (`control.strength_step`)."""
+    if self.cfg["control"] == "none":
+      return []
+    return sorted({max(1, round(f * steps)) for f in control.STRENGTH_CHECKS})
 
   # ---- combination -------------------------------------------------------
   @_writes

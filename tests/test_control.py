@@ -96,3 +96,20 @@ def test_real_probes_extend_a_brick_that_stopped_short(scale):
   # fraction (the search reads 1 + 2 x rounds tables, so its resolution is coarse).
   assert abs(before) > 0.1 and abs(after) <= min(0.05, abs(before) / 3)
   assert 1.15 < gains[0, 0] and abs(gains[0, 0] - 1 / scale) < 0.3 / scale
+
+
+def _reading(signed):
+  signed = np.asarray(signed, float)
+  return control.Reading(signed, signed - 0.02, signed + 0.02, ("linear", "mlp"))
+
+
+def test_strength_step_pushes_stalled_under_removal_eases_overshoot_and_keeps_the_rest():
+  # attributes: under-removed and stalled, under-removed but progressing,
+  # overshot (linear below chance), at chance
+  before = _reading([[0.04, 0.09, 0.0, 0.01], [0.01, 0.02, 0.0, 0.0]])
+  now = _reading([[0.005, 0.03, -0.04, 0.004],      # linear
+                  [0.03, 0.01, -0.01, -0.006]])      # mlp
+  w_mi, l2 = control.strength_step(now, before, np.full(4, 1.0), np.full(4, 2.0), tol=0.01)
+  f, g = control.MI_FACTOR, control.PULL_FACTOR
+  np.testing.assert_allclose(w_mi, [f, 1.0, 1 / f, 1.0])
+  np.testing.assert_allclose(l2, [2.0 / g, 2.0, 2.0 * g, 2.0])

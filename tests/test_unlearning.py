@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lego_jax import config as config_lib
 from lego_jax import checkpoint
 from lego_jax.errors import LegoError
 from lego_jax.unlearning import calibration, combination, losses
@@ -344,6 +345,37 @@ def test_chunked_resume_equals_uninterrupted():
   chex.assert_trees_all_close(got, want, atol=1e-6)
 
 
+def test_adjusted_hyperparameters_take_effect_from_the_next_chunk():
+  target, labels, score = problem()
+  keys = jnp.stack([attribute_key(0, "a"), attribute_key(0, "b")])
+  chunked = calibration.Spec(num_classes=3, steps=8, batch_users=48, chunk=3)
+  run = lambda adjust: calibration.calibrate(target, labels, hparams(2), keys, spec=chunked,
+                                             score_fn=score, adjust=adjust)[0]
+  chex.assert_trees_all_equal(run(lambda st, hp: hp), run(None))
+  first = []
+
+  def freeze(state, hp):   # lr 0 after the first chunk: the brick stays where it was
+    first.append(calibration.bricks(state, target.e0, spec=chunked))
+    return hp._replace(lr=jnp.zeros_like(hp.lr))
+  chex.assert_trees_all_close(run(freeze), first[0], atol=1e-7)
+  assert float(jnp.abs(first[0]).max()) > 0
+
+
+def test_a_table_at_another_scale_gets_the_same_brick_scaled():
+  # lr and l2 are in units of the table's spread: the steps are scale-free
+  target, labels, score = problem()
+  hp = jax.tree.map(lambda x: x[0], hparams(1))
+  spec = calibration.Spec(num_classes=3, steps=6, batch_users=48)
+  key = attribute_key(0, "a")
+  want = calibration.calibrate_one(target, jnp.asarray(labels[0]), hp, key, spec=spec,
+                                   score_fn=score)[0]
+  c = 3.0
+  scaled = calibration.Target(c * target.e0, target.topk, c * target.scale)
+  got = calibration.calibrate_one(scaled, jnp.asarray(labels[0]), hp, key, spec=spec,
+                                  score_fn=score)[0]
+  chex.assert_trees_all_close(got, c * want, atol=1e-4 * c)
+
+
 @pytest.mark.parametrize("loss,calibrator", [("d2d", "table"), ("adversarial", "table"),
                                              ("mmd", "residual")])
 @pytest.mark.slow
@@ -390,6 +422,14 @@ def test_spec_rejects_unknown_options():
 
 
 # ---- combination ----------------------------------------------------------------
+def test_combination_takes_its_own_stop_and_class_mean_scope_and_the_rest_from_unlearn():
+  cfg = config_lib.resolve(None, ["combine.stop=steps", "combine.linear_scope=population",
+                                  "unlearn.centre=false"])
+  spec = combination.Spec.from_config(cfg["combine"], cfg["unlearn"], 3)
+  assert (spec.mi.stop, spec.mi.linear_scope, spec.mi.centre) == ("steps", "population", False)
+  assert calibration.Spec.from_config(cfg["unlearn"], 3).stop == cfg["unlearn"]["stop"] != "steps"
+
+
 @pytest.mark.parametrize("mode", combination.MODES)
 def test_inactive_bricks_do_not_contribute(mode):
   rng = np.random.default_rng(0)

@@ -146,8 +146,9 @@ class Trace(NamedTuple):
 ScoreFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _adam(lr):
-  return optax.chain(optax.scale_by_adam(), optax.scale(-1.0), optax.scale(lr))
+def spread(e0) -> jax.Array:
+  """The table's scale: root-mean-square deviation of a coordinate from its mean."""
+  return jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.var(e0, axis=0))))
 
 
 def stratified_batch(key, y, size: int):
@@ -177,7 +178,7 @@ def init_state(key, e0, spec: Spec, lr) -> State:
     adv_opt = optax.adam(1e-2).init(adv)
   else:
     adv, adv_opt = (), ()
-  return State(params, _adam(lr).init(params), adv, adv_opt, key, jnp.zeros((), jnp.int32))
+  return State(params, optax.adam(lr).init(params), adv, adv_opt, key, jnp.zeros((), jnp.int32))
 
 
 def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score_fn: ScoreFn,
@@ -194,7 +195,11 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
     raise LegoError("the adversarial surrogate calibrates one attribute per table")
   n = e0.shape[0]
   full = spec.batch_users <= 0 or spec.batch_users >= n
-  tx = _adam(hp.lr)
+  # lr and l2 are in units of the table's spread, so one setting moves a
+  # table of any scale alike: LightGCN's rows spread 2.3 times wider than
+  # MF's, and in absolute units its pull was 5 times stronger (docs/findings.md).
+  s = spread(e0)
+  tx = optax.adam(hp.lr * s)
 
   def objective(params, users, k_mi, adv):
     table = cal.table(params, e0)
@@ -212,7 +217,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       mi_term = jnp.sum(excess)
     rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
     pull = losses.l2_pull(e, e0[users])
-    total = hp.w_mi * mi_term + hp.lam_rank * rank + hp.l2 * pull
+    total = hp.w_mi * mi_term + hp.lam_rank * rank + hp.l2 / s ** 2 * pull
     return total, (e, Trace(mi, null, rank))
 
   def step(state: State, _):
@@ -269,20 +274,25 @@ def init_states(keys, e0, lrs, *, spec):
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _bricks(states, e0, *, spec):
+def bricks(states, e0, *, spec):
+  """The bricks (K, n, D) of stacked states."""
   return jax.vmap(lambda s: brick(s, e0, spec))(states)
 
 
 def calibrate(target: Target, labels, hps: HParams, keys, *, spec: Spec, score_fn: ScoreFn,
               state: Optional[State] = None,
-              on_chunk: Optional[Callable[[State], None]] = None) -> tuple[jax.Array, State, Trace]:
+              on_chunk: Optional[Callable[[State], None]] = None,
+              adjust: Optional[Callable[[State, HParams], HParams]] = None,
+              ) -> tuple[jax.Array, State, Trace]:
   """All attributes at once: labels (K, n), hps leaves (K,), keys (K, 2). Labels
   (K, A, n) make each of the K tables serve A attributes at once (the joint
   baseline).
 
   Returns bricks (K, n, D), the final stacked State and the Trace of the last
   chunk (K, chunk). A `state` from an interrupted run continues it; `on_chunk`
-  is called with the state after every chunk (to checkpoint it).
+  is called with the state after every chunk (to checkpoint it), then
+  `adjust(state, hps)`, whose hyper-parameters the next chunks use (a
+  controller's; same shapes, so nothing is recompiled).
   """
   labels = jnp.asarray(labels, jnp.int32)
   chex.assert_rank(labels, {2, 3})   # (K, n), or (K, A, n): A attributes in each table (joint)
@@ -296,4 +306,6 @@ def calibrate(target: Target, labels, hps: HParams, keys, *, spec: Spec, score_f
     state, trace = _chunk(state, labels, hps, target, spec=spec, score_fn=score_fn, n_steps=chunk)
     if on_chunk is not None:
       on_chunk(state)
-  return _bricks(state, target.e0, spec=spec), state, trace
+    if adjust is not None and int(jnp.min(state.step)) < spec.steps:
+      hps = adjust(state, hps)
+  return bricks(state, target.e0, spec=spec), state, trace

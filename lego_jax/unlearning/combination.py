@@ -52,7 +52,10 @@ class Spec:
   def from_config(cls, cfg: dict, unlearn_cfg: dict, num_classes: int) -> "Spec":
     # An adversarial calibration is combined with the MMD estimator.
     loss = unlearn_cfg["loss"] if unlearn_cfg["loss"] in losses.MI_LOSSES else "mmd"
-    mi = calibration.Spec.from_config({**unlearn_cfg, "loss": loss}, num_classes)
+    # The combination's own stopping rule and class-mean scope: it learns a few
+    # weights, not free rows, so it can use estimates a brick would overfit.
+    own = {f: cfg[f] for f in ("stop", "linear_scope") if f in cfg}
+    mi = calibration.Spec.from_config({**unlearn_cfg, "loss": loss, **own}, num_classes)
     return cls(num_classes=num_classes, mode=cfg["mode"], steps=cfg["steps"],
                batch_users=unlearn_cfg["batch_users"], margin=unlearn_cfg["margin"],
                guard=unlearn_cfg["guard"],

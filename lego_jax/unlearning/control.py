@@ -74,6 +74,42 @@ def read(tables, labels, num_classes, *, probes: Sequence[str], seed: int, confi
   return Reading(arr[..., 0], arr[..., 1], arr[..., 2], tuple(probes))
 
 
+# Where each brick's strength is checked during calibration (fractions of
+# the steps; the first reading only sets the baseline), how much one check
+# changes the MI weight and the pull, and what counts as a stall.
+STRENGTH_CHECKS = (0.25, 0.5, 0.75)
+MI_FACTOR, PULL_FACTOR = 2.0, 2.0
+STALL = 0.5
+
+
+def signed_worst(reading: Reading) -> np.ndarray:
+  """(K,) each attribute's signed leakage of the probe farthest from chance."""
+  return np.take_along_axis(reading.signed, np.abs(reading.signed).argmax(0)[None], 0)[0]
+
+
+def strength_step(reading: Reading, previous: Reading, w_mi: np.ndarray, l2: np.ndarray,
+                  tol: float) -> tuple[np.ndarray, np.ndarray]:
+  """One dual step on each attribute's MI weight and pull toward E0.
+
+  One setting cannot fit every attribute: on ML-1M MF, gender landed at
+  chance under a pull of 10 while age (7 classes) needed 1 (docs/findings.md,
+  "Utility"). So both follow the probes. Where the worst probe reads the
+  attribute above chance by more than `tol` and the leakage has not at least
+  halved (`STALL`) since the `previous` reading, the MI term weighs
+  `MI_FACTOR` times more and the pull `PULL_FACTOR` times less; where it reads
+  it below chance by more than `tol`, the reverse; otherwise they stay. An
+  attribute still on its way is left alone: loosening every attribute that
+  read high early on (measured) moved rows that needed no move, and
+  gradient-boosted trees and a kNN vote then read gender again (0.08).
+  Unlike the gains applied after calibration, this lets the remaining steps
+  find a new move with the ranking hinge in force, rather than stretch the old one.
+  """
+  now, before = signed_worst(reading), signed_worst(previous)
+  stalled = np.abs(now) > STALL * np.abs(before)
+  d = np.where((now > tol) & stalled, 1.0, np.where(now < -tol, -1.0, 0.0))
+  return w_mi * MI_FACTOR ** d, l2 / PULL_FACTOR ** d
+
+
 class Step(NamedTuple):
   gains: np.ndarray     # (K,)
   reading: Reading
