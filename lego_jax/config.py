@@ -95,6 +95,11 @@ DEFAULTS: dict[str, Any] = {
         "estimator": "kernel",
         "features": 512,
         "null_perms": 1,
+        "projection": "none",
+        "epsilon": 0.5,
+        "ball": "row",
+        "vclub_hidden": 64,
+        "vclub_lr": 1e-2,
         "ckpt_every": 50,
         "control": "probe",
         "target_leakage": 0.01,
@@ -197,7 +202,9 @@ DESCRIPTIONS: dict[str, str] = {
     "unlearn": "calibration (one brick per attribute) and the closed loop (docs/method.md)",
     "unlearn.attributes": "attributes to unlearn; empty = all of the dataset's",
     "unlearn.loss": "`mmd` (class vs marginal), `d2d` (PoT-AU's class vs anchor), "
-                    "`adversarial` (prior-KL against an auxiliary classifier)",
+                    "`adversarial` (prior-KL against an auxiliary classifier), `vclub` (the "
+                    "paper's batch vCLUB bound under a classifier of the attribute trained "
+                    "alternately with the table; `stop`, `hinge` and the kernels do not apply)",
     "unlearn.calibrator": "`table` (free per-user offset) or `residual` (one shared map "
                           "e ↦ e + g(e))",
     "unlearn.steps": "optimiser steps per brick; Adam moves a coordinate about `lr` spreads "
@@ -237,6 +244,18 @@ DESCRIPTIONS: dict[str, str] = {
                          "O(B F))",
     "unlearn.features": "random features per bandwidth (`estimator = \"features\"`)",
     "unlearn.null_perms": "label permutations averaged for the null level",
+    "unlearn.projection": "`ball`: after every step the table is projected back onto the L2 "
+                          "ball of radius `epsilon` around E0 (the paper's utility guard; "
+                          "`calibrator = \"table\"` only); `none`: no constraint",
+    "unlearn.epsilon": "the ball's radius, in units of a typical row's deviation from the mean "
+                       "row (spread × √D): a user may move by `epsilon` times that (`ball = "
+                       "\"row\"`), or the whole table by `epsilon` times spread × √(n D), "
+                       "the same RMS move per user (`\"table\"`)",
+    "unlearn.ball": "`row`: one ball per user row (the default of docs/method.md's paper "
+                    "variant); `table`: one ball around the whole table",
+    "unlearn.vclub_hidden": "hidden units of the vCLUB classifier (one ReLU layer)",
+    "unlearn.vclub_lr": "Adam learning rate of the vCLUB classifier, one likelihood step per "
+                        "table step (it reads rows centred and in units of the spread)",
     "unlearn.ckpt_every": "steps between checkpoints of a calibration in progress (also the "
                           "compiled chunk)",
     "unlearn.control": "the closed loop: `probe` reads cross-fitted probes during "
@@ -599,7 +618,9 @@ def resolve(name: str | None = None, overrides=()) -> dict:
 # config must stay light, so they are repeated here (tests/test_hardening.py
 # checks the copies agree).
 MODEL_NAMES = ("mf", "ncf", "lightgcn")                    # models.NAMES
-LOSSES = ("mmd", "d2d", "adversarial")                     # unlearning.calibration.LOSSES
+LOSSES = ("mmd", "d2d", "adversarial", "vclub")            # unlearning.calibration.LOSSES
+PROJECTIONS = ("none", "ball")                             # unlearning.calibration.PROJECTIONS
+BALLS = ("row", "table")                                   # unlearning.calibration.BALLS
 CALIBRATORS = ("table", "residual")                        # unlearning.calibrators.CALIBRATORS
 STOPS = ("null", "two-sided", "steps")                     # unlearning.losses.STOPS
 HINGES = ("kernel", "sum")                                 # unlearning.losses.HINGES
@@ -734,6 +755,11 @@ CONSTRAINTS = {
     "unlearn.estimator": _one_of(*ESTIMATORS),
     "unlearn.features": POSITIVE_INT,
     "unlearn.null_perms": POSITIVE_INT,
+    "unlearn.projection": _one_of(*PROJECTIONS),
+    "unlearn.epsilon": POSITIVE,
+    "unlearn.ball": _one_of(*BALLS),
+    "unlearn.vclub_hidden": POSITIVE_INT,
+    "unlearn.vclub_lr": POSITIVE,
     "unlearn.ckpt_every": POSITIVE_INT,
     "combine.mode": _one_of(*COMBINE_MODES),
     "combine.steps": POSITIVE_INT,

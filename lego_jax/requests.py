@@ -32,6 +32,7 @@ IN_PROGRESS = ".in-progress"
 # one made under other values (as does `calibrate(..., force=True)`), and an
 # interrupted calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
+                "projection", "epsilon", "ball", "vclub_hidden", "vclub_lr",
                 "batch_fraction", "topk", "guard", "margin", "stop", "bandwidths", "linear_kernel",
                 "linear_scope", "centre", "estimator", "features", "hinge", "null_perms",
                 "control", "target_leakage", "probes", "probe_folds", "probe_repeats",

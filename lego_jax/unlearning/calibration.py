@@ -22,8 +22,10 @@ from lego_jax import nn
 from lego_jax.errors import LegoError, unknown
 from lego_jax.unlearning import calibrators, losses
 
-LOSSES = ("mmd", "d2d", "adversarial")
+LOSSES = ("mmd", "d2d", "adversarial", "vclub")
 LINEAR_SCOPES = ("batch", "population")
+PROJECTIONS = ("none", "ball")
+BALLS = ("row", "table")
 ADV_HIDDEN = 64
 
 
@@ -47,6 +49,11 @@ class Spec:
   features: int = 512         # random features per bandwidth
   hinge: str = "kernel"       # each kernel stopped at its own null | "sum" of kernels
   null_perms: int = 1         # permutations averaged for the null level
+  projection: str = "none"    # ball: after every step, back onto the L2 ball around E0
+  epsilon: float = 0.5        # the ball's radius, in units of a typical row's spread (see radius)
+  ball: str = "row"           # the ball per user row | over the whole table
+  vclub_hidden: int = 64      # hidden units of the vCLUB classifier q(a|e)
+  vclub_lr: float = 1e-2      # its Adam learning rate (it reads rows in spread units)
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -59,8 +66,17 @@ class Spec:
       raise unknown("hinge", self.hinge, losses.HINGES)
     if self.linear_scope not in LINEAR_SCOPES:
       raise unknown("linear kernel scope", self.linear_scope, LINEAR_SCOPES)
+    if self.projection not in PROJECTIONS:
+      raise unknown("projection", self.projection, PROJECTIONS)
+    if self.ball not in BALLS:
+      raise unknown("ball", self.ball, BALLS)
+    if self.projection == "ball" and self.calibrator != "table":
+      raise LegoError("unlearn.projection = \"ball\" projects a free table; it needs "
+                      f"unlearn.calibrator = \"table\", not {self.calibrator!r}")
+    if self.projection == "ball" and not self.epsilon > 0:
+      raise LegoError(f"unlearn.epsilon must be > 0, got {self.epsilon}")
     calibrators.get(self.calibrator)
-    if not (self.linear_kernel or self.bandwidths) and self.loss != "adversarial":
+    if not (self.linear_kernel or self.bandwidths) and self.loss in losses.MI_LOSSES:
       raise LegoError("the MI estimate needs a kernel: set unlearn.linear_kernel = true "
                       "or give unlearn.bandwidths")
     if self.steps < 0:
@@ -169,13 +185,62 @@ def stratified_batch(key, y, size: int):
   return users, valid[users].astype(jnp.float32)
 
 
-def init_state(key, e0, spec: Spec, lr) -> State:
+def radius(e0, spec: Spec) -> jax.Array:
+  """The ball's radius: `epsilon` times the norm of a typical row's deviation
+  (spread * sqrt(D)) per row, or times that of the whole table (spread *
+  sqrt(n D)), so one epsilon allows the same RMS move per user on any
+  backbone and in either ball."""
+  n, d = e0.shape
+  return spec.epsilon * spread(e0) * jnp.sqrt(float(d if spec.ball == "row" else n * d))
+
+
+def project_ball(delta, r, ball: str = "row") -> jax.Array:
+  """`delta` (n, D) = E - E0 scaled back onto the L2 ball of radius `r` where it
+  lies outside: per row (`row`) or as one vector (`table`); inside, unchanged."""
+  norm = (jnp.linalg.norm(delta, axis=-1, keepdims=True) if ball == "row"
+          else jnp.linalg.norm(delta))
+  return delta * jnp.minimum(1.0, r / jnp.maximum(norm, 1e-30))
+
+
+def classifier_input(e, e0) -> jax.Array:
+  """What q(a|e) reads: rows centred on E0's mean, in units of its spread, so
+  one classifier learning rate serves tables of any scale."""
+  return (e - jax.lax.stop_gradient(jnp.mean(e0, axis=0))) / spread(e0)
+
+
+def init_classifiers(key, dim: int, num_classes: int, hidden: int, count: int):
+  """`count` vCLUB classifiers, stacked on a leading axis."""
+  return jax.vmap(lambda k: nn.init_head(k, dim, num_classes, hidden))(jax.random.split(key, count))
+
+
+def classifier_step(heads, opt_state, z, ys, lr):
+  """One maximum-likelihood Adam step of each stacked classifier on rows z (B, D)
+  (held fixed) and its attribute's labels ys (A, B)."""
+  z = jax.lax.stop_gradient(z)
+  nll = lambda hs: jnp.sum(jax.vmap(lambda h, y: nn.cross_entropy(nn.head_logits(h, z), y))(hs, ys))
+  updates, opt_state = optax.adam(lr).update(jax.grad(nll)(heads), opt_state, heads)
+  return optax.apply_updates(heads, updates), opt_state
+
+
+def vclub_bounds(heads, z, ys) -> jax.Array:
+  """(A,): each attribute's batch vCLUB bound under its classifier (`losses.vclub`)."""
+  hi = jax.lax.Precision.HIGHEST
+  return jax.vmap(lambda h, y: losses.vclub(nn.head_logits(h, z, precision=hi), y,
+                                            (y >= 0).astype(z.dtype)))(heads, ys)
+
+
+def init_state(key, e0, spec: Spec, lr, n_attrs: int = 1) -> State:
+  """`n_attrs`: attributes sharing the table (the joint baseline), one vCLUB
+  classifier each."""
   cal = calibrators.get(spec.calibrator)
   k_cal, k_adv, key = jax.random.split(key, 3)
   params = cal.init(k_cal, e0)
   if spec.loss == "adversarial":
     adv = nn.init_head(k_adv, e0.shape[-1], spec.num_classes, ADV_HIDDEN, gain=1.0)
     adv_opt = optax.adam(1e-2).init(adv)
+  elif spec.loss == "vclub":
+    adv = init_classifiers(k_adv, e0.shape[-1], spec.num_classes, spec.vclub_hidden, n_attrs)
+    adv_opt = optax.adam(spec.vclub_lr).init(adv)
   else:
     adv, adv_opt = (), ()
   return State(params, optax.adam(lr).init(params), adv, adv_opt, key, jnp.zeros((), jnp.int32))
@@ -200,6 +265,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
   # MF's, and in absolute units its pull was 5 times stronger (docs/findings.md).
   s = spread(e0)
   tx = optax.adam(hp.lr * s)
+  r = radius(e0, spec)
 
   def objective(params, users, k_mi, adv):
     table = cal.table(params, e0)
@@ -210,6 +276,11 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       mi = losses.prior_kl(nn.head_logits(adv, e), yb[0], mb[0], spec.num_classes)[None]
       null = jnp.zeros_like(mi)
       mi_term = mi[0]
+    elif spec.loss == "vclub":
+      # The classifiers are held fixed here: this step only moves the table.
+      mi = vclub_bounds(adv, classifier_input(e, e0), yb)
+      null = jnp.zeros_like(mi)
+      mi_term = jnp.sum(mi)
     else:
       # Pushing the estimate below its permuted-label level is the overshoot of §7.
       mi, null, excess = spec.mi(k_mi, table, users, ys)
@@ -226,12 +297,20 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       users = jnp.arange(n)
     else:
       users, _ = stratified_batch(k_batch, ys[0], spec.batch_users)
-    grads, (e, trace) = jax.grad(objective, has_aux=True)(state.params, users, k_mi, state.adv)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     live = state.step < spec.steps
-    params = jax.tree.map(lambda p, u: p + jnp.where(live, u, 0.0), state.params, updates)
-    opt_state = jax.tree.map(lambda new, old: jnp.where(live, new, old), opt_state, state.opt_state)
     adv, adv_opt = state.adv, state.adv_opt
+    if spec.loss == "vclub":
+      # vCLUB alternates: q first ascends the likelihood on the current rows,
+      # then the table descends the bound under the updated, frozen q.
+      z = classifier_input(cal.table(state.params, e0)[users], e0)
+      new = classifier_step(adv, adv_opt, z, ys[:, users], spec.vclub_lr)
+      adv, adv_opt = jax.tree.map(lambda a, b: jnp.where(live, a, b), new, (adv, adv_opt))
+    grads, (e, trace) = jax.grad(objective, has_aux=True)(state.params, users, k_mi, adv)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + jnp.where(live, u, 0.0), state.params, updates)
+    if spec.projection == "ball":
+      params = project_ball(params, r, spec.ball)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(live, new, old), opt_state, state.opt_state)
     if spec.loss == "adversarial":
       e = jax.lax.stop_gradient(e)
       yb = ys[0, users]
@@ -246,7 +325,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
 def calibrate_one(target: Target, y, hp: HParams, key, *, spec: Spec, score_fn: ScoreFn):
   """One attribute, all steps: returns (brick (n, D), final State, Trace)."""
   e0 = target.e0
-  state = init_state(key, e0, spec, hp.lr)
+  state = init_state(key, e0, spec, hp.lr, y.shape[0] if y.ndim == 2 else 1)
   state, trace = run_steps(state, y, hp, target, spec=spec, score_fn=score_fn, n_steps=spec.steps)
   return brick(state, e0, spec), state, trace
 
@@ -267,10 +346,10 @@ def _chunk(states, labels, hps, target, *, spec, score_fn, n_steps):
   return jax.vmap(run, in_axes=(0, 0, 0, None))(states, labels, hps, target)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def init_states(keys, e0, lrs, *, spec):
-  """Stacked initial states, one per attribute key."""
-  return jax.vmap(lambda k, lr: init_state(k, e0, spec, lr))(keys, lrs)
+@functools.partial(jax.jit, static_argnames=("spec", "n_attrs"))
+def init_states(keys, e0, lrs, *, spec, n_attrs: int = 1):
+  """Stacked initial states, one per attribute key (each table serving `n_attrs`)."""
+  return jax.vmap(lambda k, lr: init_state(k, e0, spec, lr, n_attrs))(keys, lrs)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -299,7 +378,8 @@ def calibrate(target: Target, labels, hps: HParams, keys, *, spec: Spec, score_f
   chex.assert_equal_shape_prefix([labels, keys], 1)
   chex.assert_axis_dimension(labels, -1, target.e0.shape[0])
   if state is None:
-    state = init_states(keys, target.e0, hps.lr, spec=spec)
+    state = init_states(keys, target.e0, hps.lr, spec=spec,
+                        n_attrs=labels.shape[1] if labels.ndim == 3 else 1)
   chunk = spec.chunk if 0 < spec.chunk < spec.steps else max(spec.steps, 1)
   trace = None
   while trace is None or int(jnp.min(state.step)) < spec.steps:

@@ -6,7 +6,9 @@ Only the weights W are learned (per attribute and dimension, `dim`; one per
 attribute, `scalar`; or a convex combination of the calibrated tables,
 `convex`), minimising the active attributes' MI surrogates plus the ranking
 regulariser. The active set is a mask, not a shape, so one compiled function
-serves every request set over the same stored bricks.
+serves every request set over the same stored bricks. With a vCLUB
+calibration the MI terms are vCLUB bounds under classifiers trained on the
+combined table, alternating with the weights.
 """
 
 import dataclasses
@@ -50,8 +52,9 @@ class Spec:
 
   @classmethod
   def from_config(cls, cfg: dict, unlearn_cfg: dict, num_classes: int) -> "Spec":
-    # An adversarial calibration is combined with the MMD estimator.
-    loss = unlearn_cfg["loss"] if unlearn_cfg["loss"] in losses.MI_LOSSES else "mmd"
+    # An adversarial calibration is combined with the MMD estimator; a vCLUB one
+    # with vCLUB, under classifiers of the combination's own (see `fit`).
+    loss = unlearn_cfg["loss"] if unlearn_cfg["loss"] in (*losses.MI_LOSSES, "vclub") else "mmd"
     # The combination's own stopping rule and class-mean scope: it learns a few
     # weights, not free rows, so it can use estimates a brick would overfit.
     own = {f: cfg[f] for f in ("stop", "linear_scope") if f in cfg}
@@ -113,21 +116,38 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
   batch = n if spec.batch_users <= 0 else min(spec.batch_users, n)
   tx = optax.adam(hp.lr)
   w = init_weights(active, e0.shape[1], spec)
+  vclub = spec.mi.loss == "vclub"
+  k_heads = jax.random.fold_in(key, 1)   # the weights' keys stay as without vCLUB
+  # vCLUB needs a classifier per attribute on the combined table itself: the
+  # bricks' classifiers read each brick alone, and the combination is another
+  # table. They are trained from scratch, alternating with the weights.
+  heads = (calibration.init_classifiers(k_heads, e0.shape[1], spec.num_classes,
+                                        spec.mi.vclub_hidden, labels.shape[0]) if vclub else ())
+  htx = optax.adam(spec.mi.vclub_lr)
 
-  def objective(w, users, k_mi):
+  def objective(w, users, k_mi, heads):
     table = combine(w, e0, bricks, active, spec.mode)
-    mi, null, gap = spec.mi.mi(k_mi, table, users, labels)
+    if vclub:
+      mi = calibration.vclub_bounds(heads, calibration.classifier_input(table[users], e0),
+                                    labels[:, users])
+      null, gap = jnp.zeros_like(mi), mi
+    else:
+      mi, null, gap = spec.mi.mi(k_mi, table, users, labels)
     rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
     return total, {"mi": mi, "null": null, "rank": rank}
 
   def step(carry, key):
-    w, opt = carry
+    w, opt, heads, hopt = carry
     k_batch, k_mi = jax.random.split(key)
     users = jax.random.permutation(k_batch, n)[:batch]
-    g, trace = jax.grad(objective, has_aux=True)(w, users, k_mi)
+    if vclub:
+      z = calibration.classifier_input(combine(w, e0, bricks, active, spec.mode)[users], e0)
+      heads, hopt = calibration.classifier_step(heads, hopt, z, labels[:, users], spec.mi.vclub_lr)
+    g, trace = jax.grad(objective, has_aux=True)(w, users, k_mi, heads)
     upd, opt = tx.update(g, opt, w)
-    return (optax.apply_updates(w, upd), opt), trace
+    return (optax.apply_updates(w, upd), opt, heads, hopt), trace
 
-  (w, _), trace = jax.lax.scan(step, (w, tx.init(w)), jax.random.split(key, spec.steps))
+  carry = (w, tx.init(w), heads, htx.init(heads))
+  (w, *_), trace = jax.lax.scan(step, carry, jax.random.split(key, spec.steps))
   return w, combine(w, e0, bricks, active, spec.mode), trace

@@ -224,6 +224,24 @@ def prior_kl(logits, y, m, num_classes: int) -> jax.Array:
   return jnp.sum(kl * m) / jnp.maximum(m.sum(), 1.0)
 
 
+def vclub(logits, y, m) -> jax.Array:
+  """The batch vCLUB bound on I(e; a) (Cheng et al., 2020) under a classifier q(a|e).
+
+    I_hat = (1/B) sum_i [log q(y_i|e_i) - (1/B) sum_j log q(y_j|e_i)]
+
+  over the valid rows (m = 1). The inner mean over the batch's labels is a sum
+  over classes weighted by their batch shares, so it costs O(B C), not O(B^2).
+  With q near the true conditional it is an upper bound of the MI; when q can
+  read nothing (it predicts the prior for everyone) it is 0. `logits` (B, C)
+  from q, with C the padded class count; absent classes weigh nothing.
+  """
+  logq = jax.nn.log_softmax(logits, axis=-1)
+  own = jnp.take_along_axis(logq, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
+  _, pi = class_weights(y, m, logits.shape[-1])
+  others = mm(logq, pi)
+  return jnp.sum(m * (own - others)) / jnp.maximum(m.sum(), 1.0)
+
+
 def rank_hinge(scores: jax.Array, margin: float, guard: int = 0) -> jax.Array:
   """Ranking preservation: order flips in each user's original top-T list.
 
