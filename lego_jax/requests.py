@@ -130,7 +130,8 @@ class Unlearner:
     """Active set and bricks, with the leakage the control loop last measured."""
     out = {"active": self.active(),
            "bricks": {a: {"created": m.get("created"), "steps": m.get("steps"),
-                          "gain": m.get("gain", [1.0, 1.0]), "leakage": m.get("leakage")}
+                          "gain": m.get("gain", [1.0, 1.0]), "strength": m.get("strength"),
+                          "leakage": m.get("leakage")}
                       for a, m in self.brick_meta().items()}}
     d = self.wd.path / "combination"
     if checkpoint.exists(d):
@@ -311,15 +312,16 @@ class Unlearner:
                 "chunk": spec.chunk, **self._identity()}
     state, strength = self._resume(settings,
                                    calibration.init_states(keys, target.e0, hps.lr, spec=spec))
-    # The MI weight and pull the control loop has reached (control.strength_step).
+    # The MI weight and pull the control loop has reached, and its last reading
+    # (control.strength_step); stored with the state, so a resumed run goes on alike.
     strength = strength or {"w_mi": np.asarray(hps.w_mi).tolist(), "l2": np.asarray(hps.l2).tolist()}
-    hps = hps._replace(**{f: jnp.asarray(v, jnp.float32) for f, v in strength.items()})
+    hps = hps._replace(w_mi=jnp.asarray(strength["w_mi"], jnp.float32),
+                       l2=jnp.asarray(strength["l2"], jnp.float32))
     bb = self.wd.backbone(progress=False)
     bar = _progress(self.progress, spec.steps, f"calibrating {','.join(todo)}")
     at = [0 if state is None else int(np.min(state.step))]   # the step reached so far
     bar.update(at[0])
     checks = self._strength_checks(spec.steps)
-    readings = []   # at the checks passed in this call (a resumed run starts its baseline anew)
 
     def adjust(st, hps):
       """The strength's dual step at each check the last chunk passed, then a checkpoint."""
@@ -328,10 +330,10 @@ class Unlearner:
         tables = target.e0[None] + calibration.bricks(st, target.e0, spec=spec)
         reading = self._read(np.asarray(tables), todo)
         w_mi, l2 = np.asarray(hps.w_mi), np.asarray(hps.l2)
-        if readings:
-          w_mi, l2 = control.strength_step(reading, readings[-1], w_mi, l2,
+        if "previous" in strength:
+          w_mi, l2 = control.strength_step(reading, strength["previous"], w_mi, l2,
                                            float(self.cfg["target_leakage"]))
-        readings.append(reading)
+        strength["previous"] = control.signed_worst(reading).tolist()
         self._say(f"control, step {step}: " + "; ".join(
             f"{n} " + " ".join(f"{p} {reading.signed[i, a]:+.3f}" for i, p in
                                enumerate(reading.probes)) + f" -> w_mi {w_mi[a]:.3g} l2 {l2[a]:.3g}"
@@ -353,7 +355,7 @@ class Unlearner:
     for k, name in enumerate(todo):
       meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
               "settings": self.brick_settings(name), "gain": [float(x) for x in gains[k]],
-              "strength": {f: v[k] for f, v in strength.items()},
+              "strength": {f: strength[f][k] for f in ("w_mi", "l2")},
               "leakage": None if leakage is None else leakage[name],
               "final_mi": float(trace.mi[k, -1, 0]), "final_null": float(trace.null[k, -1, 0]),
               "final_rank": float(trace.rank[k, -1]), **self._identity()}

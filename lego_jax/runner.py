@@ -176,11 +176,12 @@ def _leak(report) -> str:
 
 def _status(u: Unlearner, as_json: bool):
   def text(s):
-    rows = [(a, "yes" if a in s["active"] else "no", m["steps"],
+    strength = lambda st: f"{st['w_mi']:.3g}/{st['l2']:.3g}" if st else "-"
+    rows = [(a, "yes" if a in s["active"] else "no", m["steps"], strength(m.get("strength")),
              "/".join(f"{g:.2f}" for g in m["gain"]), _leak(m["leakage"]), m["created"])
             for a, m in s["bricks"].items()]
     out = (f"active: {', '.join(s['active']) or 'none'}\n"
-           + format_table(("brick", "active", "steps", "gains (mean/rest)",
+           + format_table(("brick", "active", "steps", "MI weight/pull", "gains (mean/rest)",
                            "brick alone: probe leakage BAcc-chance [95%]", "created"), rows))
     comb = s.get("combination") or {}
     if comb.get("leakage"):

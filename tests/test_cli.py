@@ -51,7 +51,11 @@ def test_workdir_commands(capsys, fresh_workdir, tmp_path):
   status = json.loads(out)
   assert status["active"] == ["gender", "age"]
   assert set(status["bricks"]) == {"gender", "age"}
-  assert all(set(b) == {"created", "steps", "gain", "leakage"} for b in status["bricks"].values())
+  assert all(set(b) == {"created", "steps", "gain", "strength", "leakage"}
+             for b in status["bricks"].values())
+  # the MI weight and pull each brick ended with, after the loop's dual steps
+  assert all(set(b["strength"]) == {"w_mi", "l2"} and b["strength"]["w_mi"] > 0
+             for b in status["bricks"].values())
   comb = status["combination"]
   assert set(comb["leakage"]) == {"gender", "age"} and len(comb["gains"]["gender"]) == 2
   assert set(comb["leakage"]["gender"]) == {"linear", "mlp"}

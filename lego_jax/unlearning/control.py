@@ -27,6 +27,12 @@ reading from +0.03 to +0.07 (the classes cross, and a probe reads them again
 with the sides swapped), so a reading above chance does not say which way
 to go.
 
+Before any gain, the probes also set each brick's strength while it is
+calibrated (`strength_step`): a gain only stretches or shrinks a finished
+move, and where the calibration stopped short in the wrong direction
+(ML-100K LightGCN age, before lr and the pull were scale-free) or the pull
+held one attribute back (ML-1M age) no gain reached chance.
+
 The probes steer; they are not the judges. Results are judged by attackers
 trained from scratch with other seeds and other model families
 (`benchmarks/judge.py`).
@@ -87,7 +93,7 @@ def signed_worst(reading: Reading) -> np.ndarray:
   return np.take_along_axis(reading.signed, np.abs(reading.signed).argmax(0)[None], 0)[0]
 
 
-def strength_step(reading: Reading, previous: Reading, w_mi: np.ndarray, l2: np.ndarray,
+def strength_step(reading: Reading, previous: np.ndarray, w_mi: np.ndarray, l2: np.ndarray,
                   tol: float) -> tuple[np.ndarray, np.ndarray]:
   """One dual step on each attribute's MI weight and pull toward E0.
 
@@ -95,7 +101,7 @@ def strength_step(reading: Reading, previous: Reading, w_mi: np.ndarray, l2: np.
   chance under a pull of 10 while age (7 classes) needed 1 (docs/findings.md,
   "Utility"). So both follow the probes. Where the worst probe reads the
   attribute above chance by more than `tol` and the leakage has not at least
-  halved (`STALL`) since the `previous` reading, the MI term weighs
+  halved (`STALL`) since the `previous` reading (its `signed_worst`), the MI term weighs
   `MI_FACTOR` times more and the pull `PULL_FACTOR` times less; where it reads
   it below chance by more than `tol`, the reverse; otherwise they stay. An
   attribute still on its way is left alone: loosening every attribute that
@@ -104,7 +110,7 @@ def strength_step(reading: Reading, previous: Reading, w_mi: np.ndarray, l2: np.
   Unlike the gains applied after calibration, this lets the remaining steps
   find a new move with the ranking hinge in force, rather than stretch the old one.
   """
-  now, before = signed_worst(reading), signed_worst(previous)
+  now, before = signed_worst(reading), np.asarray(previous)
   stalled = np.abs(now) > STALL * np.abs(before)
   d = np.where((now > tol) & stalled, 1.0, np.where(now < -tol, -1.0, 0.0))
   return w_mi * MI_FACTOR ** d, l2 / PULL_FACTOR ** d
