@@ -102,7 +102,7 @@ def test_radius_is_relative_to_the_spread():
 
 
 @pytest.mark.parametrize("loss,ball", [
-    ("vclub", "row"),
+    pytest.param("vclub", "row", marks=pytest.mark.slow),
     pytest.param("mmd", "table", marks=pytest.mark.slow),
     pytest.param("mmd", "row", marks=pytest.mark.slow),
     pytest.param("vclub", "table", marks=pytest.mark.slow)])
@@ -204,6 +204,7 @@ def test_interrupted_vclub_calibration_resumes_exactly():
 
 
 # ---- combination --------------------------------------------------------------
+@pytest.mark.slow
 def test_convex_vclub_combination_trains_its_own_classifiers():
   target, labels, score = problem()
   # bricks in the ball, as calibration leaves them (any will do for the weights)
