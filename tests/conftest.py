@@ -3,6 +3,7 @@
 import pathlib
 import shutil
 
+import jax
 import pytest
 
 from lego_jax import config as config_lib
@@ -25,6 +26,16 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if item.get_closest_marker("realdata"):
       item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """Each module compiles its own programs; the whole suite compiled several
+  hundred into one process, and near its end XLA's CPU compiler crashed
+  (segfault while compiling a calibration that had compiled fine earlier).
+  Dropping JAX's caches after each module keeps that state bounded."""
+  yield
+  jax.clear_caches()
 
 
 def tiny_config(*extra):
