@@ -85,6 +85,18 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   p.add_argument("--out", help="markdown file for the table (default: ROOT/grid.md)")
+
+  p = sub.add_parser("sweep", help="LEGO over a grid of settings x seeds, vmapped where it can be; "
+                                   "mean and std per setting")
+  p.add_argument("--workdir", required=True, help="a workdir (its backbone is trained if needed)")
+  p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...",
+                 help="values of one config field (repeatable), e.g. --grid unlearn.w_mi=0.3,1,3")
+  p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+  p.add_argument("--attributes", help="comma-separated (default: unlearn.attributes, else all)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a field for every point (not saved to the workdir)")
+  p.add_argument("--out", help="folder for sweep.json, sweep.md, sweep.png (default: the workdir)")
+  p.add_argument("--json", action="store_true")
   return ap
 
 

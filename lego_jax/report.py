@@ -205,3 +205,56 @@ def grid_table(results: list[dict]) -> str:
 
 def _seconds(s) -> str:
   return "–" if not s else f"{s:.1f}" if s >= 1 else f"{s:.2f}"
+
+
+def _pm(stats: dict, signed: bool = False) -> str:
+  return f"{stats['mean']:{'+' if signed else ''}.3f} ± {stats['std']:.3f}"
+
+
+def _setting(setting: dict) -> str:
+  return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in setting.items()) or "(config)"
+
+
+def sweep_table(result: dict) -> str:
+  """A row per setting: mean ± std over seeds of NDCG@10 retention, the worst
+  |BAcc - chance| and each attacker's signed leakage per attribute; * marks
+  the Pareto front of (retention, worst leakage)."""
+  names, ats = result["attributes"], result["attackers"]
+  rows = [[("* " if s["pareto"] else "") + _setting(s["setting"]), _pm(s["retention"]),
+           _pm(s["max_leakage"])]
+          + [_pm(s["leakage"][a][n], True) for n in names for a in ats]
+          + [f"{s['within_target']}/{len(s['seeds'])}"] for s in result["settings"]]
+  headers = (["setting", "retention", "max |leak|"] + [f"{n} {a}" for n in names for a in ats]
+             + ["within target"])
+  return (f"{len(result['seeds'])} seeds ({', '.join(map(str, result['seeds']))}); vmapped: "
+          f"{', '.join(result['vmapped']) or 'seeds only'}; looped: "
+          f"{', '.join(result['looped']) or 'none'}\n\n" + format_table(headers, rows))
+
+
+def sweep_plot(path: pathlib.Path, result: dict) -> None:
+  """NDCG@10 retention against the worst |leakage|, one point per setting with
+  seed std as error bars; the Pareto front joined."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  for s in result["settings"]:
+    ax.errorbar(s["max_leakage"]["mean"], s["retention"]["mean"], xerr=s["max_leakage"]["std"],
+                yerr=s["retention"]["std"], fmt="o" if s["pareto"] else "s", capsize=3,
+                color="C3" if s["pareto"] else "C0", alpha=1.0 if s["pareto"] else 0.6)
+    ax.annotate(_setting(s["setting"]), (s["max_leakage"]["mean"], s["retention"]["mean"]),
+                fontsize=6, xytext=(3, 3), textcoords="offset points")
+  front = sorted((s for s in result["settings"] if s["pareto"]),
+                 key=lambda s: s["max_leakage"]["mean"])
+  ax.plot([s["max_leakage"]["mean"] for s in front], [s["retention"]["mean"] for s in front],
+          "-", color="C3", label="Pareto front")
+  ax.set_xlabel("worst |BAcc - chance| over attackers and attributes")
+  ax.set_ylabel("NDCG@10 retention")
+  ax.set_title(f"sweep: mean ± std over {len(result['seeds'])} seeds")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=110)
+  tmp.replace(path)
+  plt.close(fig)

@@ -13,7 +13,7 @@ import functools
 import shutil
 import sys
 import zlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,10 +67,14 @@ class Unlearner:
     table = u.table("combined")
   """
 
-  def __init__(self, workdir: Workdir, progress: bool = True):
+  def __init__(self, workdir: Workdir, progress: bool = True, config: Optional[dict] = None):
+    """`config` replaces the workdir's for the unlearning sections and the seed
+    (a sweep's setting, `lego_jax.sweep`); such an Unlearner only reads the
+    workdir. By default the workdir's own config."""
     self.wd = workdir
     self.progress = progress
-    self.cfg = workdir.config["unlearn"]
+    self.config = workdir.config if config is None else config
+    self.cfg = self.config["unlearn"]
 
   # ---- stored state ------------------------------------------------------
   @property
@@ -116,11 +120,7 @@ class Unlearner:
       raise LegoError(f"checkpoint {d} is not a brick (no delta array)")
     # The stored delta is the calibration's; the control loop's gains scale
     # its class-mean part and the rest.
-    a, b = meta.get("gain", [1.0, 1.0])
-    if a == b == 1.0:
-      return tree["delta"]
-    mean, rest = self._parts([name], tree["delta"][None])
-    return (a * mean[0] + b * rest[0]).astype(tree["delta"].dtype)
+    return self.with_gains([name], tree["delta"][None], [meta.get("gain", [1.0, 1.0])])[0]
 
   def active(self) -> list[str]:
     d = self.wd.path / "combination"
@@ -163,14 +163,30 @@ class Unlearner:
     return calibration.Spec.from_config(cfg, self.num_classes(), chunk=self.cfg["ckpt_every"])
 
   # ---- the closed loop ---------------------------------------------------
-  def _read(self, tables, names, probes=None) -> control.Reading:
+  def _read(self, tables, names, probes=None, seeds=None) -> control.Reading:
     """The steering probes on `tables` (see `control.read`). Their folds come
-    from a seed of their own, so the evaluation's attack is not the one steered."""
+    from a seed of their own, so the evaluation's attack is not the one steered.
+
+    `seeds` gives each of the K tables (K, n, D) the config seed it belongs
+    to (a sweep calibrates several seeds at once); default this config's.
+    """
+    seeds = [self.config["seed"]] * len(names) if seeds is None else [int(s) for s in seeds]
+    out = np.zeros((3, len(probes or self.cfg["probes"]), len(names)))
+    for s in dict.fromkeys(seeds):
+      idx = [i for i, x in enumerate(seeds) if x == s]
+      part = tables[np.asarray(idx)] if np.ndim(tables) == 3 else tables
+      reading = self._read_seed(part, [names[i] for i in idx], probes, s)
+      out[:, :, idx] = reading.signed, reading.lo, reading.hi
+    return control.Reading(*out, reading.probes)
+
+  def _read_seed(self, tables, names, probes, seed: int) -> control.Reading:
     labels, num_classes = self.wd.labels(names)
-    cfg = {**self.wd.config["attack"], "folds": int(self.cfg["probe_folds"])}
-    seed = int(attribute_key(self.wd.config["seed"], "control")[-1]) % (2 ** 31)
+    cfg = {**self.config["attack"], "folds": int(self.cfg["probe_folds"])}
+    seed = int(attribute_key(seed, "control")[-1]) % (2 ** 31)
+    # Names key the attackers' results only; a sweep reads one attribute in several tables.
+    tags = [f"{n} (table {i})" for i, n in enumerate(names)]
     readings = [control.read(tables, labels, num_classes, probes=probes or self.cfg["probes"],
-                             seed=seed + r, config=cfg, names=names)
+                             seed=seed + r, config=cfg, names=tags)
                 for r in range(self.probe_repeats())]
     return control.Reading(*(np.mean([getattr(x, f) for x in readings], 0)
                              for f in ("signed", "lo", "hi")), readings[0].probes)
@@ -211,23 +227,36 @@ class Unlearner:
     parts = [control.split_move(b, y, c) for b, y, c in zip(np.asarray(bricks), labels, num_classes)]
     return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
 
-  def _control_bricks(self, names, bricks: np.ndarray) -> tuple[np.ndarray, Optional[dict]]:
+  def _control_bricks(self, names, bricks: np.ndarray, seeds=None
+                      ) -> tuple[np.ndarray, Optional[control.Reading]]:
     """Gains (K, 2) taking each brick alone to chance, and what the probes read there."""
     if self.cfg["control"] == "none":
       return np.ones((len(names), 2)), None
     e0 = np.asarray(self.target().e0)
     mean, rest = self._parts(names, bricks)
     gains, history = self._solve(
-        lambda g: self._read(e0[None] + g[:, :1, None] * mean + g[:, 1:, None] * rest, names),
+        lambda g: self._read(e0[None] + g[:, :1, None] * mean + g[:, 1:, None] * rest, names,
+                             seeds=seeds),
         names, True)
-    return gains, control.reading_at(history, gains, True).report(names)
+    return gains, control.reading_at(history, gains, True)
+
+  def with_gains(self, names, bricks, gains) -> np.ndarray:
+    """Bricks (K, n, D) with each one's class-mean part and rest scaled by its gains (K, 2)."""
+    bricks = np.asarray(bricks)
+    out = bricks.copy()
+    scaled = [k for k, g in enumerate(np.asarray(gains)) if not g[0] == g[1] == 1.0]
+    if scaled:
+      mean, rest = self._parts([names[k] for k in scaled], bricks[scaled])
+      g = np.asarray(gains, np.float64)[scaled]
+      out[scaled] = (g[:, :1, None] * mean + g[:, 1:, None] * rest).astype(bricks.dtype)
+    return out
 
   def _valid_ndcg(self, table) -> float:
     bb = self.wd.backbone()
     return ranking.evaluate(bb.ranking_fn(table), self.wd.split, stage="valid", ks=(10,),
-                            batch_users=self.wd.config["eval"]["batch_users"])["ndcg@10"]
+                            batch_users=self.config["eval"]["batch_users"])["ndcg@10"]
 
-  def _control_combination(self, active, table_at) -> tuple[np.ndarray, dict]:
+  def _control_combination(self, active, table_at, seed=None) -> tuple[np.ndarray, dict]:
     """The combined table: gains on the active bricks' parts so that every
     active attribute reads within the target, above the utility floor.
 
@@ -238,7 +267,9 @@ class Unlearner:
     tol, floor = float(self.cfg["target_leakage"]), float(self.cfg["min_retention"])
     if self.cfg["control"] == "none" or not k:
       return table_at(np.ones((k, 2))), {}
-    gains, history = self._solve(lambda g: self._read(table_at(g), active), active, False)
+    seeds = None if seed is None else [seed] * k
+    gains, history = self._solve(lambda g: self._read(table_at(g), active, seeds=seeds), active,
+                                 False)
     original = self._valid_ndcg(np.asarray(self.target().e0))
     retention = lambda g: self._valid_ndcg(table_at(g)) / original if original else 1.0
     ret = retention(gains)
@@ -278,7 +309,7 @@ class Unlearner:
         raise LegoError(f"unlearn.topk + unlearn.guard = {t + self.cfg['guard']} exceeds the "
                         f"{self.wd.split.n_items} items of this dataset; lower them")
       topk = preservation.top_unseen(bb.ranking_fn(e0), self.wd.split, t + self.cfg["guard"],
-                                     self.wd.config["eval"]["batch_users"])
+                                     self.config["eval"]["batch_users"])
       score = bb.score
       scale = preservation.score_scale(lambda u, i: score(e0, u, i), topk[:, :t])
       self._target = calibration.Target(e0, jnp.asarray(topk), jnp.float32(scale))
@@ -304,21 +335,49 @@ class Unlearner:
     if not todo:
       return []
     spec = self.spec()
-    target = self.target()
-    labels, _ = self.wd.labels(todo)
     hps = calibration.HParams.from_config(self.cfg, todo)
-    keys = jnp.stack([attribute_key(self.wd.config["seed"], n) for n in todo])
+    keys = jnp.stack([attribute_key(self.config["seed"], n) for n in todo])
     settings = {"attributes": todo, "bricks": {n: self.brick_settings(n) for n in todo},
                 "chunk": spec.chunk, **self._identity()}
-    state, strength = self._resume(settings,
-                                   calibration.init_states(keys, target.e0, hps.lr, spec=spec))
+    out = self.calibrate_tasks(todo, hps, keys, resume=settings)
+    leakage = None if out.reading is None else out.reading.report(todo)
+    for k, name in enumerate(todo):
+      meta = {"attribute": name, "created": _now(), "steps": int(out.state.step[k]),
+              "settings": self.brick_settings(name), "gain": [float(x) for x in out.gains[k]],
+              "strength": {f: out.strength[f][k] for f in ("w_mi", "l2")},
+              "leakage": None if leakage is None else leakage[name],
+              "final_mi": float(out.trace.mi[k, -1, 0]),
+              "final_null": float(out.trace.null[k, -1, 0]),
+              "final_rank": float(out.trace.rank[k, -1]), **self._identity()}
+      tree = {"delta": out.bricks[k]}
+      if spec.calibrator == "residual":
+        tree["map"] = jax.tree.map(lambda x: np.asarray(x[k]), out.state.params)
+      checkpoint.save(self.brick_dir(name), tree, meta)
+    shutil.rmtree(self.bricks_dir / IN_PROGRESS, ignore_errors=True)
+    return todo
+
+  def calibrate_tasks(self, names, hps: calibration.HParams, keys, *, seeds=None,
+                      resume: Optional[dict] = None) -> "Calibrated":
+    """One brick per task t: attribute `names[t]` (repeats allowed) under
+    `hps` leaves [t] and `keys[t]`, its probes seeded by `seeds[t]` (default
+    this config's seed); every task in one vmapped program, with the strength
+    control during calibration and the gains after it. Nothing is stored,
+    except with `resume` (the settings that identify a request): then the
+    state is checkpointed in `bricks/.in-progress` and resumed from there.
+    """
+    spec = self.spec()
+    target = self.target()
+    labels, _ = self.wd.labels(names)
+    state, strength = (self._resume(resume, calibration.init_states(keys, target.e0, hps.lr,
+                                                                    spec=spec))
+                       if resume is not None else (None, None))
     # The MI weight and pull the control loop has reached, and its last reading
     # (control.strength_step); stored with the state, so a resumed run goes on alike.
     strength = strength or {"w_mi": np.asarray(hps.w_mi).tolist(), "l2": np.asarray(hps.l2).tolist()}
     hps = hps._replace(w_mi=jnp.asarray(strength["w_mi"], jnp.float32),
                        l2=jnp.asarray(strength["l2"], jnp.float32))
     bb = self.wd.backbone(progress=False)
-    bar = _progress(self.progress, spec.steps, f"calibrating {','.join(todo)}")
+    bar = _progress(self.progress, spec.steps, f"calibrating {','.join(dict.fromkeys(names))}")
     at = [0 if state is None else int(np.min(state.step))]   # the step reached so far
     bar.update(at[0])
     checks = self._strength_checks(spec.steps)
@@ -328,7 +387,7 @@ class Unlearner:
       step = int(np.min(st.step))
       if any(at[0] < c <= step for c in checks):
         tables = target.e0[None] + calibration.bricks(st, target.e0, spec=spec)
-        reading = self._read(np.asarray(tables), todo)
+        reading = self._read(np.asarray(tables), names, seeds=seeds)
         w_mi, l2 = np.asarray(hps.w_mi), np.asarray(hps.l2)
         if "previous" in strength:
           w_mi, l2 = control.strength_step(reading, strength["previous"], w_mi, l2,
@@ -337,13 +396,14 @@ class Unlearner:
         self._say(f"control, step {step}: " + "; ".join(
             f"{n} " + " ".join(f"{p} {reading.signed[i, a]:+.3f}" for i, p in
                                enumerate(reading.probes)) + f" -> w_mi {w_mi[a]:.3g} l2 {l2[a]:.3g}"
-            for a, n in enumerate(todo)))
+            for a, n in enumerate(names)))
         hps = hps._replace(w_mi=jnp.asarray(w_mi, jnp.float32), l2=jnp.asarray(l2, jnp.float32))
       bar.update(step - at[0])
       at[0] = step
       strength.update(w_mi=[float(x) for x in hps.w_mi], l2=[float(x) for x in hps.l2])
-      checkpoint.save(self.bricks_dir / IN_PROGRESS, checkpoint.flatten(st),
-                      {**settings, "strength": strength})
+      if resume is not None:
+        checkpoint.save(self.bricks_dir / IN_PROGRESS, checkpoint.flatten(st),
+                        {**resume, "strength": strength})
       return hps
 
     bricks, state, trace = calibration.calibrate(target, labels, hps, keys, spec=spec,
@@ -351,20 +411,8 @@ class Unlearner:
     bar.update(spec.steps - at[0])
     bar.close()
     bricks = np.asarray(bricks)
-    gains, leakage = self._control_bricks(todo, bricks)
-    for k, name in enumerate(todo):
-      meta = {"attribute": name, "created": _now(), "steps": int(state.step[k]),
-              "settings": self.brick_settings(name), "gain": [float(x) for x in gains[k]],
-              "strength": {f: strength[f][k] for f in ("w_mi", "l2")},
-              "leakage": None if leakage is None else leakage[name],
-              "final_mi": float(trace.mi[k, -1, 0]), "final_null": float(trace.null[k, -1, 0]),
-              "final_rank": float(trace.rank[k, -1]), **self._identity()}
-      tree = {"delta": bricks[k]}
-      if spec.calibrator == "residual":
-        tree["map"] = jax.tree.map(lambda x: np.asarray(x[k]), state.params)
-      checkpoint.save(self.brick_dir(name), tree, meta)
-    shutil.rmtree(self.bricks_dir / IN_PROGRESS, ignore_errors=True)
-    return todo
+    gains, reading = self._control_bricks(names, bricks, seeds)
+    return Calibrated(bricks, gains, reading, strength, state, trace)
 
   def _resume(self, settings: dict, template) -> tuple[Optional[calibration.State], Optional[dict]]:
     """The interrupted calibration of the same attributes and settings, with the
@@ -403,32 +451,47 @@ class Unlearner:
     else:
       order = [a for a in self.wd.attribute_names() if a in stored]
       bricks = jnp.stack([self._load_brick(a) for a in order])
-      labels, _ = self.wd.labels(order)
       mask = jnp.asarray([a in active for a in order], jnp.float32)
-      ccfg = self.wd.config["combine"]
-      spec = combination.Spec.from_config(ccfg, {**self.cfg, "batch_users": self.batch_users()},
-                                          self.num_classes())
-      key = jax.random.fold_in(jax.random.PRNGKey(self.wd.config["seed"]), 1)
+      spec = self.combination_spec()
       self._say(f"combining {', '.join(active)} ({spec.steps} steps)")
-      w, _, _ = combination.fit(self.target(), bricks, jnp.asarray(labels), mask, key,
-                                combination.HParams.from_config(ccfg), spec=spec, score_fn=bb.score)
-      index = np.asarray([order.index(a) for a in active])
-      mean, rest = (jnp.asarray(x) for x in self._parts(order, bricks))
-
-      def table_at(g):
-        gains = np.ones((len(order), 2), np.float32)
-        gains[index] = g
-        gains = jnp.asarray(gains)
-        return np.asarray(combination.combine(w, e0, mean, mask, spec.mode, gains[:, 0])
-                          + combination.combine(w, jnp.zeros_like(e0), rest, mask, spec.mode,
-                                                gains[:, 1]))
-
-      table, report = self._control_combination(active, table_at)
+      w, _, _ = combination.fit(self.target(), bricks, jnp.asarray(self.wd.labels(order)[0]), mask,
+                                self.combination_key(self.config["seed"]),
+                                combination.HParams.from_config(self.config["combine"]),
+                                spec=spec, score_fn=bb.score)
+      table, report = self.controlled_table(order, active, bricks, w)
       weights, names = np.asarray(w), order
     checkpoint.save(self.wd.path / "combination", {"table": table, "weights": weights},
-                    {"active": active, "bricks": names, "mode": self.wd.config["combine"]["mode"],
+                    {"active": active, "bricks": names, "mode": self.config["combine"]["mode"],
                      "created": _now(), **report, **self._identity()})
     return table
+
+  def combination_spec(self) -> combination.Spec:
+    return combination.Spec.from_config(self.config["combine"],
+                                        {**self.cfg, "batch_users": self.batch_users()},
+                                        self.num_classes())
+
+  @staticmethod
+  def combination_key(seed: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+
+  def controlled_table(self, order, active, bricks, w, seed=None) -> tuple[np.ndarray, dict]:
+    """The combined table of bricks (K, n, D) (attributes `order`) under the
+    learned weights `w`, with the control loop's gains on the `active` ones
+    (probes seeded by `seed`, default this config's), and its report."""
+    e0 = self.target().e0
+    mask = jnp.asarray([a in active for a in order], jnp.float32)
+    mode = self.config["combine"]["mode"]
+    index = np.asarray([order.index(a) for a in active])
+    mean, rest = (jnp.asarray(x) for x in self._parts(order, bricks))
+
+    def table_at(g):
+      gains = np.ones((len(order), 2), np.float32)
+      gains[index] = g
+      gains = jnp.asarray(gains)
+      return np.asarray(combination.combine(w, e0, mean, mask, mode, gains[:, 0])
+                        + combination.combine(w, jnp.zeros_like(e0), rest, mask, mode,
+                                              gains[:, 1]))
+    return self._control_combination(active, table_at, seed)
 
   # ---- requests ----------------------------------------------------------
   def brick_settings(self, name: str) -> dict:
@@ -491,6 +554,16 @@ class Unlearner:
     if stage == "combined":
       return checkpoint.restore(self.wd.path / "combination")[0]["table"]
     return e0 + self._load_brick(stage.split(":", 1)[1])
+
+
+class Calibrated(NamedTuple):
+  """`Unlearner.calibrate_tasks`'s result, one entry per task (T tasks)."""
+  bricks: np.ndarray                   # (T, n, D) the calibrated moves, before the gains
+  gains: np.ndarray                    # (T, 2) the control loop's gains (class-mean part, rest)
+  reading: Optional[control.Reading]   # what the probes read at those gains (None: no control)
+  strength: dict                       # {"w_mi": [T], "l2": [T]} where the strength control left them
+  state: calibration.State
+  trace: calibration.Trace
 
 
 def _progress(enabled: bool, total: int, desc: str):

@@ -218,8 +218,19 @@ def grid(args):
   return table, False, lambda s: s
 
 
+def sweep(args):
+  from lego_jax import sweep as sweep_lib
+  from lego_jax.report import sweep_table
+  wd = Workdir.open(args.workdir)
+  grid = sweep_lib.parse_grid(args.grid, wd.config)
+  names = requested(wd, args.attributes) if args.attributes else None
+  result = sweep_lib.sweep(wd, grid, args.seeds, names, args.set, args.out)
+  return result, args.json, sweep_table
+
+
 COMMANDS = {"data": inspect_data, "config": show_config, "train": train, "evaluate": evaluate, "attack": attack,
-            "export": export, "unlearn": unlearn, "request": request, "run": run, "grid": grid}
+            "export": export, "unlearn": unlearn, "request": request, "run": run, "grid": grid,
+            "sweep": sweep}
 
 
 def dispatch(args):

@@ -151,3 +151,15 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
   carry = (w, tx.init(w), heads, htx.init(heads))
   (w, *_), trace = jax.lax.scan(step, carry, jax.random.split(key, spec.steps))
   return w, combine(w, e0, bricks, active, spec.mode), trace
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "score_fn"))
+def fit_grid(target, bricks, labels, active, keys, hps: HParams, *, spec: Spec,
+             score_fn: Callable) -> tuple[jax.Array, jax.Array, dict]:
+  """`fit` for G grid points in one program: bricks (G, K, n, D), keys (G, 2)
+  and each `hps` leaf (G,); the target, labels and active set are shared.
+  Returns weights (G, K, width), tables (G, n, D) and traces stacked alike."""
+  chex.assert_rank(bricks, 4)
+  chex.assert_equal_shape_prefix([bricks, keys], 1)
+  one = lambda b, k, hp: fit(target, b, labels, active, k, hp, spec=spec, score_fn=score_fn)
+  return jax.vmap(one)(bricks, keys, hps)
