@@ -83,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
         "l2": 1.2,
         "batch_users": 0,
         "batch_fraction": 0.17,
+        "max_batch_users": 4096,
         "topk": 20,
         "guard": 30,
         "margin": 0.05,
@@ -127,6 +128,7 @@ DEFAULTS: dict[str, Any] = {
         "sweep": [],
         "adversarial_objective": "confusion",
         "adversarial_weight": 1.0,
+        "devices": 1,
     },
 }
 
@@ -226,6 +228,9 @@ DESCRIPTIONS: dict[str, str] = {
                               "`batch_users` is 0: steps that see every user overshoot below "
                               "chance, and about a sixth served 943 and 6040 users alike "
                               "(docs/findings.md); 1 = every user",
+    "unlearn.max_batch_users": "the largest minibatch `batch_fraction` may give: the kernel "
+                               "estimate holds B x B matrices per attribute, so a fraction of a "
+                               "million users (170,000) would need 116 GB each; 4096 is 64 MB",
     "unlearn.topk": "T: each user's original top-T unseen items keep their order",
     "unlearn.guard": "items after the top-T held below it by the same hinge",
     "unlearn.margin": "hinge margin, in units of the score spread",
@@ -307,6 +312,9 @@ DESCRIPTIONS: dict[str, str] = {
                                  "pushed to uniform predictions) or `reverse` (gradient "
                                  "reversal, which leaked more when measured)",
     "run.adversarial_weight": "weight of the adversarial term",
+    "run.devices": "devices the user axis is split over in calibration, combination and "
+                   "evaluation (a one-axis mesh; it must divide the number of users); 1 = one "
+                   "device. On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N",
 }
 
 
@@ -737,6 +745,7 @@ CONSTRAINTS = {
     "unlearn.l2": NON_NEGATIVE,
     "unlearn.batch_users": NON_NEGATIVE_INT,  # 0 = unlearn.batch_fraction of the users
     "unlearn.batch_fraction": _range(0, 1, lo_open=True),
+    "unlearn.max_batch_users": _range(32, integer=True),
     "unlearn.control": _one_of("probe", "none"),
     "unlearn.target_leakage": NON_NEGATIVE,
     "unlearn.min_retention": _range(0, 1),
@@ -773,6 +782,7 @@ CONSTRAINTS = {
     "run.sweep": _each(NON_NEGATIVE),
     "run.adversarial_objective": _one_of(*ADVERSARIAL_OBJECTIVES),
     "run.adversarial_weight": NON_NEGATIVE,
+    "run.devices": POSITIVE_INT,
 }
 
 

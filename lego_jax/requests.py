@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lego_jax import checkpoint
+from lego_jax import checkpoint, sharding
 from lego_jax.errors import LegoError, unknown
 from lego_jax.evaluation import ranking
 from lego_jax.unlearning import calibration, combination, control, preservation
@@ -33,7 +33,8 @@ IN_PROGRESS = ".in-progress"
 # interrupted calibration resumes only under the same values.
 BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "batch_users",
                 "projection", "epsilon", "ball", "vclub_hidden", "vclub_lr",
-                "batch_fraction", "topk", "guard", "margin", "stop", "bandwidths", "linear_kernel",
+                "batch_fraction", "max_batch_users", "topk", "guard", "margin", "stop",
+                "bandwidths", "linear_kernel",
                 "linear_scope", "centre", "estimator", "features", "hinge", "null_perms",
                 "control", "target_leakage", "probes", "probe_folds", "probe_repeats",
                 "control_rounds", "max_gain")
@@ -151,12 +152,14 @@ class Unlearner:
 
     A fraction, not a count: steps that see every user overshoot below chance,
     and a sixth of the users worked on 943 and on 6040 users alike
-    (docs/findings.md).
+    (docs/findings.md). Capped at `unlearn.max_batch_users`, so the kernel
+    estimate's B x B matrices stay bounded however many users there are.
     """
     n = self.wd.split.n_users
     if self.cfg["batch_users"] > 0:
       return min(int(self.cfg["batch_users"]), n)
-    return min(n, max(32, round(n * float(self.cfg["batch_fraction"]))))
+    return min(n, int(self.cfg["max_batch_users"]),
+               max(32, round(n * float(self.cfg["batch_fraction"]))))
 
   def spec(self) -> calibration.Spec:
     cfg = {**self.cfg, "batch_users": self.batch_users()}
@@ -312,8 +315,19 @@ class Unlearner:
                                      self.config["eval"]["batch_users"])
       score = bb.score
       scale = preservation.score_scale(lambda u, i: score(e0, u, i), topk[:, :t])
-      self._target = calibration.Target(e0, jnp.asarray(topk), jnp.float32(scale))
+      place = lambda x: sharding.over_users(jnp.asarray(x), self.mesh())
+      self._target = calibration.Target(place(e0), place(topk), jnp.float32(scale))
     return self._target
+
+  def mesh(self):
+    """The devices the user axis is split over (`run.devices`); None for one."""
+    if not hasattr(self, "_mesh"):
+      self._mesh = sharding.mesh(int(self.config["run"]["devices"]))
+    return self._mesh
+
+  def labels(self, names) -> jax.Array:
+    """(K, n) codes of `names`, their user axis on the mesh."""
+    return sharding.over_users(jnp.asarray(self.wd.labels(names)[0]), self.mesh(), axis=1)
 
   def _checked(self, names) -> list[str]:
     """`names` without repeats; an unknown one, here or in per-attribute settings, is refused."""
@@ -367,7 +381,7 @@ class Unlearner:
     """
     spec = self.spec()
     target = self.target()
-    labels, _ = self.wd.labels(names)
+    labels = self.labels(names)
     state, strength = (self._resume(resume, calibration.init_states(keys, target.e0, hps.lr,
                                                                     spec=spec))
                        if resume is not None else (None, None))
@@ -450,11 +464,11 @@ class Unlearner:
       table, weights, names = np.asarray(e0), np.zeros((0, 1), np.float32), []
     else:
       order = [a for a in self.wd.attribute_names() if a in stored]
-      bricks = jnp.stack([self._load_brick(a) for a in order])
+      bricks = sharding.over_users(jnp.stack([self._load_brick(a) for a in order]), self.mesh(), 1)
       mask = jnp.asarray([a in active for a in order], jnp.float32)
       spec = self.combination_spec()
       self._say(f"combining {', '.join(active)} ({spec.steps} steps)")
-      w, _, _ = combination.fit(self.target(), bricks, jnp.asarray(self.wd.labels(order)[0]), mask,
+      w, _, _ = combination.fit(self.target(), bricks, self.labels(order), mask,
                                 self.combination_key(self.config["seed"]),
                                 combination.HParams.from_config(self.config["combine"]),
                                 spec=spec, score_fn=bb.score)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lego_jax import config as config_lib
+from lego_jax import config as config_lib, sharding
 from lego_jax.errors import LegoError
 from lego_jax.evaluation import attackers, classification_metrics as cm
 from lego_jax.report import sweep_plot, sweep_table
@@ -152,8 +152,8 @@ def _run_points(wd, static_cfg, points, vmapped, seed_list, names, original, sec
   chps = combination.HParams(*(jnp.asarray(x, jnp.float32) for x in zip(
       *(combination.HParams.from_config(c["combine"]) for _, _, c in grid_cfgs))))
   ckeys = jnp.stack([u.combination_key(s) for _, s, _ in grid_cfgs])
-  labels = jnp.asarray(wd.labels(names)[0])
-  w, _, _ = combination.fit_grid(u.target(), jnp.asarray(bricks), labels,
+  w, _, _ = combination.fit_grid(u.target(), sharding.over_users(jnp.asarray(bricks), u.mesh(), 2),
+                                 u.labels(names),
                                  jnp.ones(k, jnp.float32), ckeys, chps,
                                  spec=u.combination_spec(), score_fn=wd.backbone().score)
   # The gain search reads only looped fields (target, floor, probes): one Unlearner serves all.

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lego_jax import checkpoint, config as config_lib, data as data_lib, models, training
+from lego_jax import checkpoint, config as config_lib, data as data_lib, models, sharding, training
 from lego_jax.errors import LegoError, unknown
 from lego_jax.evaluation import attackers, ranking
 
@@ -333,6 +333,7 @@ class Workdir:
     baseline brings its own)."""
     bb = backbone or self.backbone()
     table = bb.table() if table is None else table
+    table = sharding.over_users(jnp.asarray(table), sharding.mesh(self.config["run"]["devices"]))
     return ranking.evaluate(bb.ranking_fn(table), self.split, stage=stage, ks=self.eval_ks(),
                             batch_users=self.config["eval"]["batch_users"])
 

@@ -7,9 +7,9 @@ import lego_jax
 
 ROOT = pathlib.Path(lego_jax.__file__).parent
 # The core: data -> backbone -> training -> unlearning -> evaluation, pure functions.
-CORE = ["data", "models", "unlearning", "evaluation", "training.py", "nn.py"]
+CORE = ["data", "models", "unlearning", "evaluation", "training.py", "nn.py", "sharding.py"]
 # The shell: workdirs, requests, the experiment runner, reports and the CLI.
-SHELL = {"workdir", "requests", "methods", "experiment", "runner", "report", "cli"}
+SHELL = {"workdir", "requests", "methods", "experiment", "runner", "report", "cli", "sweep"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

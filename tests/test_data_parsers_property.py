@@ -120,3 +120,35 @@ def test_valid_lightgcn_parses_exactly(lines):
   assert ds is not None
   want = {(t[0], i) for t in lines for i in t[1:]}
   assert {(ds.user_ids[u], ds.item_ids[i]) for u, i in zip(ds.users, ds.items)} == want
+
+
+def _read(path, block_bytes):
+  from lego_jax.data import readers
+  try:
+    inter = readers.read_interactions(path, b"\t", 4, rating=2, ts=3, block_bytes=block_bytes)
+  except LegoError as e:
+    return str(e)
+  return (inter.users.tolist(), inter.items.tolist(), inter.user_ids, inter.item_ids,
+          inter.ratings.tolist(), inter.timestamps.tolist())
+
+
+@SETTINGS
+@given(text=content(row("\t", ident, ident, number, number)), crlf=st.booleans(),
+       bom=st.booleans(), block=st.integers(1, 64))
+def test_reading_in_blocks_equals_reading_whole(text, crlf, bom, block):
+  """Any block size gives the same codes, ids and values, or an error naming a
+  line of the file (interaction files are streamed: readers.iter_blocks). The
+  error may differ: blocks report the first bad line in file order, a whole
+  file its first malformed line before any bad value."""
+  if crlf:
+    text = text.replace(b"\n", b"\r\n")
+  if bom:
+    text = b"\xef\xbb\xbf" + text
+  with tempfile.TemporaryDirectory() as d:
+    path = pathlib.Path(d) / "u.data"
+    path.write_bytes(text)
+    whole, blocks = _read(path, -1), _read(path, block)
+    if isinstance(whole, str):
+      assert isinstance(blocks, str) and blocks.startswith(f"{path}:")
+    else:
+      assert blocks == whole

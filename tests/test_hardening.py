@@ -232,7 +232,7 @@ def permission_denied(monkeypatch, method: str, where: pathlib.Path):
   monkeypatch.setattr(pathlib.Path, method, denied)
 
 
-@pytest.mark.parametrize("method", ["is_dir", "is_file", "read_bytes", "glob"])
+@pytest.mark.parametrize("method", ["is_dir", "is_file", "open", "glob"])
 def test_an_unreadable_folder_or_file_is_named(capsys, monkeypatch, tmp_path, method):
   folder = copy_fixture("recbole", tmp_path / "ds")
   permission_denied(monkeypatch, method, folder)

@@ -2,9 +2,13 @@
 
 Each reader returns plain data with raw ids and raw attribute strings; the
 dataset builder in `load.py` does thresholds, merging, k-core, dense indexing
-and attribute coding. Parsing reads a whole file at once and splits it in C
+and attribute coding. Parsing splits blocks of whole lines in C
 (`bytes.split`), so ML-1M's million lines load in about a second; a line with
-the wrong number of fields raises `LegoError("FILE:LINE: ...")`.
+the wrong number of fields raises `LegoError("FILE:LINE: ...")`. Interaction
+files are read in blocks of `BLOCK_BYTES` (`iter_blocks`), each turned into
+numpy codes before the next is read, so memory is bounded by one block's
+Python tokens plus the numpy columns (LastFM-360K's 17 million lines:
+docs/data.md); user tables are small and read whole.
 
 Formats (see `FORMATS`):
   movielens-100k  u.data (tab: user item rating ts), u.user (`|`: id|age|gender|occupation|zip)
@@ -36,6 +40,7 @@ CONTROL = re.compile("[\x00-\x1f\x7f\ufeff]")
 # The same in raw bytes, for whitespace-separated files (tab, \r, \n separate).
 CONTROL_BYTES = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xef\xbb\xbf")
 EXCERPT = 20  # characters of a file quoted in a message: enough to recognise, not to leak
+BLOCK_BYTES = 1 << 25  # 32 MiB of an interaction file at a time
 
 
 @dataclasses.dataclass
@@ -70,19 +75,34 @@ class UserTable:
 
 def read_bytes(path: os.PathLike) -> bytes:
   """The whole file (gunzipped where it ends in .gz), with \\r\\n normalised."""
+  return b"".join(block for block, _ in iter_blocks(path, block_bytes=-1))
+
+
+def iter_blocks(path: os.PathLike, block_bytes: Optional[int] = None):
+  """The file (gunzipped where it ends in .gz) in blocks of whole lines, each
+  with the 1-based number of its first line; \\r\\n normalised, a leading
+  BOM dropped. `block_bytes` -1 reads it whole (default `BLOCK_BYTES`)."""
   path = pathlib.Path(path)
+  size = BLOCK_BYTES if block_bytes is None else block_bytes
+  line = 1
   try:
-    if path.name.endswith(".gz"):
-      with gzip.open(path, "rb") as f:
-        data = f.read()
-    else:
-      data = path.read_bytes()
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")) as f:
+      # A leading BOM is encoding metadata (Excel, Notepad), not part of the first id.
+      tail = f.read(len(BOM)).removeprefix(BOM)
+      while True:
+        chunk = f.read(size)
+        data = tail + chunk
+        cut = data.rfind(b"\n") + 1 if chunk else len(data)
+        block, tail = data[:cut], data[cut:]
+        if block:
+          yield block.replace(b"\r\n", b"\n"), line
+          line += block.count(b"\n")
+        if not chunk:
+          return
   except FileNotFoundError:
     raise LegoError(f"{path}: file not found") from None
   except (OSError, EOFError, zlib.error) as e:
     raise LegoError(f"{path}: cannot read: {e}") from None
-  # A leading BOM is encoding metadata (Excel, Notepad), not part of the first id.
-  return data.removeprefix(BOM).replace(b"\r\n", b"\n")
 
 
 def decode(token: bytes, encoding: str = "utf-8") -> str:
@@ -109,12 +129,13 @@ def _check_printable(names: Sequence[str], path, lines, rows, what: str) -> None
                     f"(binary data?): {names[k][:EXCERPT]!r}")
 
 
-def split_fields(data: bytes, sep: bytes, ncols: int, path, skip: int = 0,
+def split_fields(data: bytes, sep: bytes, ncols: int, path, skip: int = 0, first: int = 1,
                  ) -> tuple[list[list[bytes]], np.ndarray]:
   """Splits lines of exactly `ncols` fields into columns; blank lines are skipped.
 
   Returns (columns, line_numbers): columns[c][r] is field c of row r (bytes),
-  line_numbers[r] the 1-based line number of row r in the file.
+  line_numbers[r] the 1-based line number of row r in the file, whose line
+  `first` is the first of `data`.
   """
   lines = data.split(b"\n")[skip:]
   counts = np.fromiter(map(bytes.count, lines, itertools.repeat(sep)), np.int64, len(lines))
@@ -122,7 +143,7 @@ def split_fields(data: bytes, sep: bytes, ncols: int, path, skip: int = 0,
   blank = [i for i in odd.tolist() if not lines[i].strip()]
   if len(blank) != len(odd):
     i = next(i for i in odd.tolist() if lines[i].strip())
-    raise LegoError(f"{path}:{i + skip + 1}: expected {ncols} fields separated by "
+    raise LegoError(f"{path}:{i + skip + first}: expected {ncols} fields separated by "
                     f"{_sep(sep)}, got {counts[i] + 1}: {_show(lines[i])}")
   keep = np.arange(len(lines))
   if blank:
@@ -130,7 +151,7 @@ def split_fields(data: bytes, sep: bytes, ncols: int, path, skip: int = 0,
     lines = [lines[i] for i in keep.tolist()]
   tokens = sep.join(lines).split(sep) if lines else []
   columns = [tokens[c::ncols] for c in range(ncols)]
-  return columns, keep + skip + 1
+  return columns, keep + skip + first
 
 
 def to_float(column: list[bytes], lines: np.ndarray, path, what: str) -> np.ndarray:
@@ -151,22 +172,43 @@ def to_float(column: list[bytes], lines: np.ndarray, path, what: str) -> np.ndar
   return out
 
 
+class Factorizer:
+  """Raw id tokens -> integer codes, over any number of blocks; `finish` checks
+  the ids (an empty one or a control character names its first line) and
+  merges ids differing only in surrounding spaces."""
+
+  def __init__(self, path, what: str, encoding: str = "utf-8"):
+    self.path, self.what, self.encoding = path, what, encoding
+    self.index: dict[bytes, int] = {}
+    self.first_line: list[int] = []   # per code, the line it first appeared on
+
+  def __call__(self, column: Sequence[bytes], lines: np.ndarray) -> np.ndarray:
+    known = len(self.index)
+    index = self.index
+    codes = np.fromiter((index.setdefault(t, len(index)) for t in column), np.int64, len(column))
+    new, first = np.unique(codes[codes >= known], return_index=True)
+    self.first_line += np.asarray(lines)[np.flatnonzero(codes >= known)[first]].tolist()
+    return codes
+
+  def finish(self) -> tuple[Optional[np.ndarray], list[str]]:
+    """(a code remap, or None where none is needed; the unique ids as str)."""
+    names = [decode(t, self.encoding) for t in self.index]
+    _check_printable(names, self.path, self.first_line, lambda k: k, self.what)
+    if "" in names:
+      raise LegoError(f"{self.path}:{self.first_line[names.index('')]}: empty {self.what}")
+    if len(set(names)) == len(names):
+      return None, names
+    uniq = {n: k for k, n in enumerate(dict.fromkeys(names))}
+    return np.array([uniq[n] for n in names], np.int64), list(uniq)
+
+
 def factorize(column: Sequence[bytes], lines: np.ndarray, path, what: str,
               encoding: str = "utf-8") -> tuple[np.ndarray, list[str]]:
   """Raw tokens -> (codes, unique ids as str); an empty id names its line."""
-  index: dict[bytes, int] = {}
-  codes = np.fromiter((index.setdefault(t, len(index)) for t in column), np.int64, len(column))
-  raw = list(index)
-  names = [decode(t, encoding) for t in raw]
-  _check_printable(names, path, lines, lambda k: int(np.flatnonzero(codes == k)[0]), what)
-  if "" in names:
-    r = int(np.flatnonzero(codes == names.index(""))[0])
-    raise LegoError(f"{path}:{lines[r]}: empty {what}")
-  if len(set(names)) != len(names):  # ids differing only in surrounding spaces
-    uniq = {n: k for k, n in enumerate(dict.fromkeys(names))}
-    codes = np.array([uniq[n] for n in names], np.int64)[codes]
-    names = list(uniq)
-  return codes, names
+  f = Factorizer(path, what, encoding)
+  codes = f(column, lines)
+  remap, names = f.finish()
+  return (codes if remap is None else remap[codes]), names
 
 
 def read_header(data: bytes, path) -> list[str]:
@@ -195,36 +237,52 @@ def first_existing(folder: pathlib.Path, names: Sequence[str]) -> Optional[pathl
 # Interactions.
 
 
-def _interactions(columns, lines, path, *, user=0, item=1, rating=None, ts=None,
-                  encoding="utf-8") -> Interactions:
-  users, user_ids = factorize(columns[user], lines, path, "user id", encoding)
-  items, item_ids = factorize(columns[item], lines, path, "item id", encoding)
-  ratings = to_float(columns[rating], lines, path, "rating") if rating is not None else None
-  stamps = to_float(columns[ts], lines, path, "timestamp") if ts is not None else None
-  return Interactions(users, items, user_ids, item_ids, ratings, stamps, source=str(path))
+def read_interactions(path, sep: bytes, ncols: int, *, skip: int = 0, user=0, item=1,
+                      rating=None, ts=None, encoding="utf-8", item_of=None,
+                      block_bytes: Optional[int] = None) -> Interactions:
+  """A delimited interaction file, block by block (`iter_blocks`): only numpy
+  columns and the id dictionaries outlive a block. `item_of(columns)` gives
+  the item tokens where they are not one column (LastFM)."""
+  fu, fi = Factorizer(path, "user id", encoding), Factorizer(path, "item id", encoding)
+  parts: dict[str, list] = {"users": [], "items": [], "ratings": [], "stamps": []}
+  for block, first in iter_blocks(path, block_bytes):
+    columns, lines = split_fields(block, sep, ncols, path, skip=skip if first == 1 else 0,
+                                  first=first)
+    parts["users"].append(fu(columns[user], lines))
+    parts["items"].append(fi(item_of(columns) if item_of else columns[item], lines))
+    if rating is not None:
+      parts["ratings"].append(to_float(columns[rating], lines, path, "rating"))
+    if ts is not None:
+      parts["stamps"].append(to_float(columns[ts], lines, path, "timestamp"))
+    del columns
+  (remap_u, user_ids), (remap_i, item_ids) = fu.finish(), fi.finish()
+  cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)
+  users, items = cat(parts["users"], np.int64), cat(parts["items"], np.int64)
+  return Interactions(users if remap_u is None else remap_u[users],
+                      items if remap_i is None else remap_i[items], user_ids, item_ids,
+                      cat(parts["ratings"], np.float64) if rating is not None else None,
+                      cat(parts["stamps"], np.float64) if ts is not None else None,
+                      source=str(path))
 
 
 def read_ml100k_ratings(path) -> Interactions:
-  columns, lines = split_fields(read_bytes(path), b"\t", 4, path)
-  return _interactions(columns, lines, path, rating=2, ts=3)
+  return read_interactions(path, b"\t", 4, rating=2, ts=3)
 
 
 def read_ml1m_ratings(path) -> Interactions:
-  columns, lines = split_fields(read_bytes(path), b"::", 4, path)
-  return _interactions(columns, lines, path, rating=2, ts=3, encoding="latin-1")
+  return read_interactions(path, b"::", 4, rating=2, ts=3, encoding="latin-1")
 
 
 def read_atomic_inter(path) -> Interactions:
   """RecBole `.inter`: needs user_id and item_id; uses rating and timestamp if present."""
-  data = read_bytes(path)
-  fields = read_header(data, path)
+  first = next(iter_blocks(path, block_bytes=1 << 16), (b"", 1))[0]
+  fields = read_header(first, path)
   for need in ("user_id", "item_id"):
     if need not in fields:
       raise LegoError(f"{path}:1: header lacks {need!r}; fields: {', '.join(fields)}")
-  columns, lines = split_fields(data, b"\t", len(fields), path, skip=1)
   pick = lambda f: fields.index(f) if f in fields else None
-  return _interactions(columns, lines, path, user=pick("user_id"), item=pick("item_id"),
-                       rating=pick("rating"), ts=pick("timestamp"))
+  return read_interactions(path, b"\t", len(fields), skip=1, user=pick("user_id"),
+                           item=pick("item_id"), rating=pick("rating"), ts=pick("timestamp"))
 
 
 def read_lightgcn(folder: pathlib.Path) -> Interactions:
@@ -267,10 +325,8 @@ def _check_text(data: bytes, path, expected: str) -> None:
 
 def read_lastfm_plays(path) -> Interactions:
   """user-sha1 \\t artist-mbid \\t artist-name \\t plays; the artist is its mbid, else its name."""
-  columns, lines = split_fields(read_bytes(path), b"\t", 4, path)
-  artists = [m if m.strip() else b"name:" + n for m, n in zip(columns[1], columns[2])]
-  columns = [columns[0], artists, None, columns[3]]
-  return _interactions(columns, lines, path, user=0, item=1, rating=3)
+  artists = lambda c: [m if m.strip() else b"name:" + n for m, n in zip(c[1], c[2])]
+  return read_interactions(path, b"\t", 4, rating=3, item_of=artists)
 
 
 # ---------------------------------------------------------------------------
