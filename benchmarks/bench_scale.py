@@ -46,9 +46,17 @@ def batch(n: int) -> int:
   return min(n, U["max_batch_users"], max(32, round(n * U["batch_fraction"])))
 
 
-def model_bytes(n: int, k: int, d: int, c: float = 3.0) -> float:
+def model_parts(n: int, k: int, d: int, c: float = 3.0) -> tuple[float, float]:
+  """(bytes split over the users' devices, bytes of the minibatch's kernel matrices)."""
   b = batch(n)
-  return 4.0 * (n * d * (1 + 5 * k) + n * LIST + k * n) + 4.0 * c * k * b * b * (len(U["bandwidths"]) + 1)
+  return (4.0 * (n * d * (1 + 5 * k) + n * LIST + k * n),
+          4.0 * c * k * b * b * (len(U["bandwidths"]) + 1))
+
+
+def model_bytes(n: int, k: int, d: int, devices: int = 1) -> float:
+  """Per device: the per-user part divides over a mesh, the kernel matrices do not."""
+  users, kernels = model_parts(n, k, d)
+  return users / devices + kernels
 
 
 def peak_mb() -> float:
@@ -67,49 +75,50 @@ def child(args) -> list[dict]:
   from lego_jax.unlearning import calibration, combination
   mesh = sharding.mesh(int(args.devices))
   rows = []
-  for n in sorted(int(x) for x in args.users.split(",")):
-    for k in sorted(int(x) for x in args.ks.split(",")):
-      need = model_bytes(n, k, args.dim) / 2 ** 30
-      row = {"devices": int(args.devices), "users": n, "attributes": k, "batch": batch(n),
-             "model_gb": need}
-      if need > args.budget_gb:
-        rows.append(row | {"skipped": f"model predicts {need:.1f} GB > --budget-gb"})
-        continue
-      rng = np.random.default_rng(0)
-      place = lambda x, axis=0: sharding.over_users(jnp.asarray(x), mesh, axis)
-      e0 = place(rng.normal(size=(n, args.dim)).astype(np.float32) * 0.3)
-      items = jnp.asarray(rng.normal(size=(args.items, args.dim)).astype(np.float32) * 0.3)
-      top = jax.jit(lambda e: jax.lax.top_k(e @ items.T, LIST)[1])
-      chunk = DEFAULTS["eval"]["batch_users"]
-      t = time.perf_counter()
-      topk = np.concatenate([np.asarray(top(e0[s:s + chunk])) for s in range(0, n, chunk)])
-      row["topk_seconds"] = time.perf_counter() - t
-      score = lambda table, users, it: jnp.einsum("bd,btd->bt", table[users], items[it])
-      target = calibration.Target(e0, place(topk), jnp.float32(1.0))
-      labels = place(np.stack([rng.integers(0, c, n) for c in CLASSES[:k]]).astype(np.int32), 1)
-      spec = calibration.Spec.from_config({**U, "batch_users": batch(n), "steps": args.steps},
-                                          max(CLASSES[:k]))
-      hps = calibration.HParams(*(jnp.full((k,), U[f], jnp.float32)
-                                  for f in calibration.HParams._fields))
-      keys = jnp.stack([attribute_key(0, f"a{i}") for i in range(k)])
-      run = lambda: calibration.calibrate(target, labels, hps, keys, spec=spec, score_fn=score)[0]
-      bricks = jax.block_until_ready(run())       # compiles
-      t = time.perf_counter()
-      bricks = jax.block_until_ready(run())
-      row["calibration_step_seconds"] = (time.perf_counter() - t) / args.steps
-      cspec = combination.Spec.from_config({**C, "steps": args.steps},
-                                           {**U, "batch_users": batch(n)}, max(CLASSES[:k]))
-      fit = lambda: combination.fit(target, bricks, labels, jnp.ones(k), jax.random.PRNGKey(0),
-                                    combination.HParams.from_config(C), spec=cspec,
-                                    score_fn=score)[1]
-      jax.block_until_ready(fit())
-      t = time.perf_counter()
-      jax.block_until_ready(fit())
-      row["combination_step_seconds"] = (time.perf_counter() - t) / args.steps
-      row["peak_mb"] = peak_mb()
-      rows.append(row)
-      del bricks, target, labels, e0
-      print(json.dumps(row), file=sys.stderr, flush=True)
+  sizes = [(int(n), int(k)) for n in args.users.split(",") for k in args.ks.split(",")]
+  # Smallest model first: on a CPU the peak is the process's max RSS, which only grows.
+  for n, k in sorted(sizes, key=lambda nk: model_bytes(*nk, args.dim)):
+    need = model_bytes(n, k, args.dim, int(args.devices)) / 2 ** 30
+    row = {"devices": int(args.devices), "users": n, "attributes": k, "batch": batch(n),
+           "model_gb": need}
+    if need > args.budget_gb:
+      rows.append(row | {"skipped": f"model predicts {need:.1f} GB > --budget-gb"})
+      continue
+    rng = np.random.default_rng(0)
+    place = lambda x, axis=0: sharding.over_users(jnp.asarray(x), mesh, axis)
+    e0 = place(rng.normal(size=(n, args.dim)).astype(np.float32) * 0.3)
+    items = jnp.asarray(rng.normal(size=(args.items, args.dim)).astype(np.float32) * 0.3)
+    top = jax.jit(lambda e: jax.lax.top_k(e @ items.T, LIST)[1])
+    chunk = DEFAULTS["eval"]["batch_users"]
+    t = time.perf_counter()
+    topk = np.concatenate([np.asarray(top(e0[s:s + chunk])) for s in range(0, n, chunk)])
+    row["topk_seconds"] = time.perf_counter() - t
+    score = lambda table, users, it: jnp.einsum("bd,btd->bt", table[users], items[it])
+    target = calibration.Target(e0, place(topk), jnp.float32(1.0))
+    labels = place(np.stack([rng.integers(0, c, n) for c in CLASSES[:k]]).astype(np.int32), 1)
+    spec = calibration.Spec.from_config({**U, "batch_users": batch(n), "steps": args.steps},
+                                        max(CLASSES[:k]))
+    hps = calibration.HParams(*(jnp.full((k,), U[f], jnp.float32)
+                                for f in calibration.HParams._fields))
+    keys = jnp.stack([attribute_key(0, f"a{i}") for i in range(k)])
+    run = lambda: calibration.calibrate(target, labels, hps, keys, spec=spec, score_fn=score)[0]
+    bricks = jax.block_until_ready(run())       # compiles
+    t = time.perf_counter()
+    bricks = jax.block_until_ready(run())
+    row["calibration_step_seconds"] = (time.perf_counter() - t) / args.steps
+    cspec = combination.Spec.from_config({**C, "steps": args.steps},
+                                         {**U, "batch_users": batch(n)}, max(CLASSES[:k]))
+    fit = lambda: combination.fit(target, bricks, labels, jnp.ones(k), jax.random.PRNGKey(0),
+                                  combination.HParams.from_config(C), spec=cspec,
+                                  score_fn=score)[1]
+    jax.block_until_ready(fit())
+    t = time.perf_counter()
+    jax.block_until_ready(fit())
+    row["combination_step_seconds"] = (time.perf_counter() - t) / args.steps
+    row["peak_mb"] = peak_mb()
+    rows.append(row)
+    del bricks, target, labels, e0
+    print(json.dumps(row), file=sys.stderr, flush=True)
   return rows
 
 
@@ -146,8 +155,10 @@ def main():
             str(args.items), "--dim", str(args.dim), "--steps", str(args.steps),
             "--budget-gb", str(args.budget_gb), "--devices", str(devices)]
     out = subprocess.run(argv, env=env, capture_output=True, text=True)
-    if out.returncode:
-      rows.append({"devices": devices, "failed": out.stderr.strip().splitlines()[-1:]})
+    if out.returncode:   # keep the sizes it measured (one JSON line each on stderr)
+      done = [json.loads(line) for line in out.stderr.splitlines() if line.startswith('{"devices"')]
+      rows += done + [{"devices": devices, "failed": f"exit status {out.returncode} after "
+                       f"{len(done)} sizes: {out.stderr.strip().splitlines()[-1:]}"}]
       continue
     rows += [r | {"devices": devices} for r in json.loads(out.stdout.strip().splitlines()[-1])]
   one = [r for r in rows if r.get("devices") == 1 and "peak_mb" in r]
@@ -155,7 +166,7 @@ def main():
                                             "topk_seconds", "peak_mb")}
   print(json.dumps({"rows": rows, "growth": growth,
                     "predicted_gb_10M_users_8_attributes": model_bytes(10_000_000, 8, args.dim) / 2 ** 30,
-                    "predicted_gb_per_device_mesh_8": model_bytes(10_000_000, 8, args.dim) / 8 / 2 ** 30}))
+                    "predicted_gb_per_device_mesh_8": model_bytes(10_000_000, 8, args.dim, 8) / 2 ** 30}))
   print("\n| devices | users | K | batch | calib s/step | combine s/step | top-T s | peak MB | model MB |")
   print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
