@@ -36,17 +36,10 @@ from lego_jax.config import DEFAULTS  # noqa: E402
 from lego_jax.requests import attribute_key  # noqa: E402
 from lego_jax.unlearning import calibration, combination  # noqa: E402
 
-CLASSES = [2, 7, 21, 4, 3, 5, 10, 2]   # ML-100K's gender, age bins, occupations, then synthetic
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+# The same ML-sized random MF problem and class counts as the attribute-axis benchmark.
+from bench_unlearning import CLASSES, problem  # noqa: E402
 
-
-def problem(n, m, d, k, t, seed=0):
-  rng = np.random.default_rng(seed)
-  e0 = jnp.asarray(rng.normal(size=(n, d)) * 0.3, jnp.float32)
-  items = jnp.asarray(rng.normal(size=(m, d)) * 0.3, jnp.float32)
-  topk = jax.lax.top_k(e0 @ items.T, t)[1]
-  labels = np.stack([rng.integers(0, c, n) for c in CLASSES[:k]]).astype(np.int32)
-  score = lambda table, users, it: jnp.einsum("bd,btd->bt", table[users], items[it])
-  return calibration.Target(e0, topk, jnp.float32(1.0)), labels, score
 
 
 def grid(settings, seeds, k):

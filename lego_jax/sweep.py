@@ -164,7 +164,7 @@ def _run_points(wd, static_cfg, points, vmapped, seed_list, names, original, sec
   start = time.perf_counter()
   leak = _attack(wd, static_cfg, np.stack(tables), names, [s for _, s, _ in grid_cfgs])
   runs = []
-  for g, (point, s, c) in enumerate(grid_cfgs):
+  for g, (point, s, _) in enumerate(grid_cfgs):
     ndcg = wd.evaluate(tables[g])["ndcg@10"]
     part = slice(g * k, (g + 1) * k)
     brick = None if cal.reading is None else control.Reading(
