@@ -41,7 +41,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_unlearning import CLASSES, problem  # noqa: E402
 
 
-
 def grid(settings, seeds, k):
   """Per grid point: calibration and combination hyper-parameters and keys."""
   rng = np.random.default_rng(1)
