@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax.errors import LegoError  # noqa: E402
 from lego_jax.requests import Unlearner  # noqa: E402
+from lego_jax.unlearning import calibration  # noqa: E402
 from lego_jax.workdir import Workdir  # noqa: E402
 
 
@@ -54,7 +55,8 @@ def main():
   for s in (float(x) for x in args.scales.split(",")):
     table = jnp.asarray(e0 + s * brick)
     mi, null, _ = spec.mi(jax.random.PRNGKey(wd.config["seed"]), table,
-                          jnp.arange(table.shape[0]), jnp.asarray(labels))
+                          jnp.arange(table.shape[0]), jnp.asarray(labels),
+                          calibration.units(jnp.asarray(e0), spec))
     row = {"scale": s, "retention": round(wd.evaluate(table)["ndcg@10"] / orig, 4),
            "mi_over_null": [round(float(r), 2) for r in np.asarray(mi[0] / null[0])]}
     for attacker in ("mlp", "linear"):

@@ -90,11 +90,13 @@ DEFAULTS: dict[str, Any] = {
         "linear_kernel": True,
         "linear_scope": "batch",
         "centre": True,
+        "units": "parts",
         "bandwidths": [-2, -1, 0, 1, 2],
         "hinge": "kernel",
         "stop": "null",
         "estimator": "kernel",
         "features": 512,
+        "marginal_features": 0,
         "null_perms": 1,
         "projection": "none",
         "epsilon": 0.5,
@@ -240,6 +242,12 @@ DESCRIPTIONS: dict[str, str] = {
     "unlearn.centre": "RBF kernels on class-centred rows, so removing a nonlinear signal "
                       "cannot move the class means (which sent the linear probe below "
                       "chance, docs/findings.md)",
+    "unlearn.units": "what the MI estimate (the calibration's and the combination's) "
+                     "measures each coordinate in: `parts` (each part of the user table, "
+                     "e.g. NCF's GMF and MLP towers, in its own spread; one part as is), "
+                     "`coordinates` (each in its spread), `none` (raw); attackers "
+                     "standardise, and raw kernels let NCF's narrow MLP tower hide gender "
+                     "(docs/findings.md)",
     "unlearn.bandwidths": "RBF bandwidths beta * 2^j (beta: mean pairwise squared distance)",
     "unlearn.hinge": "`kernel`: each kernel stopped at its own null; `sum`: one hinge on the "
                      "sum of the kernels",
@@ -248,6 +256,10 @@ DESCRIPTIONS: dict[str, str] = {
     "unlearn.estimator": "`kernel` (B x B matrices) or `features` (random Fourier features, "
                          "O(B F))",
     "unlearn.features": "random features per bandwidth (`estimator = \"features\"`)",
+    "unlearn.marginal_features": "random features per coordinate of one more "
+                                 "kernel, additive over coordinates: it sees each coordinate's "
+                                 "own class-conditional distribution, which trees splitting on "
+                                 "single coordinates read (docs/findings.md); 0 = none",
     "unlearn.null_perms": "label permutations averaged for the null level",
     "unlearn.projection": "`ball`: after every step the table is projected back onto the L2 "
                           "ball of radius `epsilon` around E0 (the paper's utility guard; "
@@ -634,6 +646,7 @@ STOPS = ("null", "two-sided", "steps")                     # unlearning.losses.S
 HINGES = ("kernel", "sum")                                 # unlearning.losses.HINGES
 ESTIMATORS = ("kernel", "features")                        # unlearning.losses.ESTIMATORS
 LINEAR_SCOPES = ("batch", "population")                    # unlearning.calibration.LINEAR_SCOPES
+UNITS = ("parts", "coordinates", "none")                   # unlearning.calibration.UNITS
 COMBINE_MODES = ("dim", "scalar", "convex")                # unlearning.combination.MODES
 COMBINE_INITS = ("uniform", "ones")                        # unlearning.combination.INITS
 ATTACKERS = ("mlp", "linear", "knn")                       # evaluation.attackers.ATTACKERS
@@ -758,12 +771,14 @@ CONSTRAINTS = {
     "unlearn.guard": NON_NEGATIVE_INT,
     "unlearn.margin": NON_NEGATIVE,
     "unlearn.linear_scope": _one_of(*LINEAR_SCOPES),
+    "unlearn.units": _one_of(*UNITS),
     "unlearn.bandwidths": _each(_range()),  # empty: the linear kernel alone
     "unlearn.hinge": _one_of(*HINGES),
     "unlearn.stop": _one_of(*STOPS),
     "unlearn.estimator": _one_of(*ESTIMATORS),
     "unlearn.features": POSITIVE_INT,
     "unlearn.null_perms": POSITIVE_INT,
+    "unlearn.marginal_features": NON_NEGATIVE_INT,
     "unlearn.projection": _one_of(*PROJECTIONS),
     "unlearn.epsilon": POSITIVE,
     "unlearn.ball": _one_of(*BALLS),

@@ -35,7 +35,8 @@ BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "
                 "projection", "epsilon", "ball", "vclub_hidden", "vclub_lr",
                 "batch_fraction", "max_batch_users", "topk", "guard", "margin", "stop",
                 "bandwidths", "linear_kernel",
-                "linear_scope", "centre", "estimator", "features", "hinge", "null_perms",
+                "linear_scope", "centre", "units", "estimator", "features",
+                "marginal_features", "hinge", "null_perms",
                 "control", "target_leakage", "probes", "probe_folds", "probe_repeats",
                 "control_rounds", "max_gain")
 
@@ -163,7 +164,8 @@ class Unlearner:
 
   def spec(self) -> calibration.Spec:
     cfg = {**self.cfg, "batch_users": self.batch_users()}
-    return calibration.Spec.from_config(cfg, self.num_classes(), chunk=self.cfg["ckpt_every"])
+    return calibration.Spec.from_config(cfg, self.num_classes(), chunk=self.cfg["ckpt_every"],
+                                        parts=self.wd.backbone().model.user_parts)
 
   # ---- the closed loop ---------------------------------------------------
   def _read(self, tables, names, probes=None, seeds=None) -> control.Reading:
@@ -482,7 +484,7 @@ class Unlearner:
   def combination_spec(self) -> combination.Spec:
     return combination.Spec.from_config(self.config["combine"],
                                         {**self.cfg, "batch_users": self.batch_users()},
-                                        self.num_classes())
+                                        self.num_classes(), self.wd.backbone().model.user_parts)
 
   @staticmethod
   def combination_key(seed: int) -> jax.Array:

@@ -93,6 +93,7 @@ def test_name_lists_agree_with_the_modules_that_use_them():
   assert config_lib.MODEL_NAMES == models.NAMES
   assert config_lib.LOSSES == calibration.LOSSES
   assert config_lib.LINEAR_SCOPES == calibration.LINEAR_SCOPES
+  assert config_lib.UNITS == calibration.UNITS
   assert config_lib.PROJECTIONS == calibration.PROJECTIONS
   assert config_lib.BALLS == calibration.BALLS
   assert config_lib.CALIBRATORS == tuple(calibrators.CALIBRATORS)

@@ -81,6 +81,9 @@ def test_user_table_round_trip(name):
   chex.assert_trees_all_equal(model.with_user_table(params, table), params)
   other = table + 1.0
   np.testing.assert_array_equal(model.user_table(model.with_user_table(params, other)), other)
+  # The parts the MI estimate measures in their own units tile the table.
+  assert model.user_parts == ((MODEL_CFG["dim"],) * 2 if name == "ncf" else ())
+  assert sum(model.user_parts) in (0, dim)
 
 
 @pytest.mark.parametrize("name", models.NAMES)

@@ -15,6 +15,7 @@ from lego_jax.errors import LegoError
 from lego_jax.unlearning import calibration, combination, losses
 from lego_jax.requests import IN_PROGRESS, Unlearner, attribute_key
 from lego_jax.workdir import Workdir
+from tests.conftest import tiny_config
 
 
 # ---- losses -----------------------------------------------------------------
@@ -220,6 +221,105 @@ def test_spec_mi_with_the_linear_kernel_alone(scope):
   chex.assert_shape([mi, null], (1, 1))
   chex.assert_shape(excess, (1,))
   assert float(excess[0]) > 5
+
+
+def _narrow_signal(n=400, seed=11):
+  """Six wide noise coordinates and two narrow ones (1/20 the spread) whose
+  shape, not mean, depends on the label: the kind of signal NCF's MLP-tower
+  half carried."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 2, n)
+  wide = rng.normal(size=(n, 6))
+  sign = rng.choice([-1.0, 1.0], size=(n, 2))
+  narrow = np.where(y[:, None] == 1, sign * 1.5 + 0.3 * rng.normal(size=(n, 2)),
+                    rng.normal(size=(n, 2)) * 0.3) / 20
+  return jnp.asarray(np.concatenate([wide, narrow], 1), jnp.float32), jnp.asarray(y)[None]
+
+
+@pytest.mark.parametrize("units", ["parts", "coordinates"])
+def test_estimate_in_units_sees_a_signal_in_a_narrow_part(units):
+  table, y = _narrow_signal()
+  users = jnp.arange(table.shape[0])
+  ratio = {}
+  for u in (units, "none"):
+    # The additive kernel has a bandwidth per coordinate: only the row kernels here.
+    spec = calibration.Spec(num_classes=2, linear_kernel=False, units=u, parts=(6, 2),
+                            marginal_features=0)
+    mi, null, _ = spec.mi(jax.random.PRNGKey(0), table, users, y, calibration.units(table, spec))
+    ratio[u] = float(mi.sum() / null.sum())
+  # Raw distances are all but blind to the two narrow coordinates.
+  assert ratio["none"] < 2 and ratio[units] > 5, ratio
+
+
+@pytest.mark.parametrize("units", ["parts", "coordinates"])
+def test_estimate_in_units_ignores_each_parts_scale(units):
+  table, y = _narrow_signal()
+  users = jnp.arange(0, table.shape[0], 2)
+  spec = calibration.Spec(num_classes=2, units=units, parts=(6, 2))
+  rng = np.random.default_rng(3)
+  scale = (rng.uniform(0.1, 10.0, 8) if units == "coordinates"
+           else np.repeat(rng.uniform(0.1, 10.0, 2), [6, 2]))
+  scale = jnp.asarray(scale, jnp.float32)
+  a = spec.mi(jax.random.PRNGKey(1), table, users, y, calibration.units(table, spec))
+  b = spec.mi(jax.random.PRNGKey(1), table * scale, users, y, calibration.units(table * scale, spec))
+  # Equal up to float32 rounding of the rescaled table.
+  chex.assert_trees_all_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_units_of_one_part_or_none_leave_the_table_as_is():
+  table, _ = _narrow_signal()
+  for spec in (calibration.Spec(num_classes=2), calibration.Spec(num_classes=2, parts=(8,)),
+               calibration.Spec(num_classes=2, units="none", parts=(6, 2))):
+    assert calibration.units(table, spec) is None
+  u = calibration.units(table, calibration.Spec(num_classes=2, parts=(6, 2)))
+  np.testing.assert_allclose(u, np.repeat([np.sqrt(np.var(table[:, :6], 0).mean()),
+                                           np.sqrt(np.var(table[:, 6:], 0).mean())], [6, 2]),
+                             rtol=1e-5)
+  with pytest.raises(LegoError, match="do not add up"):
+    calibration.units(table, calibration.Spec(num_classes=2, parts=(6, 3)))
+  with pytest.raises(LegoError, match="coordinates, none, parts"):
+    calibration.Spec(num_classes=2, units="whitened")
+
+
+def test_ncf_bricks_measure_each_tower_in_its_own_units(tmp_path):
+  wd = Workdir.create(tmp_path / "ncf", tiny_config("model.name=ncf", "train.epochs=1"))
+  wd.train(progress=False)
+  u = Unlearner(wd, progress=False)
+  assert u.spec().parts == u.combination_spec().mi.parts == (16, 16)
+  e0 = u.target().e0
+  units = np.asarray(calibration.units(e0, u.spec()))
+  for part in (slice(0, 16), slice(16, 32)):
+    np.testing.assert_allclose(units[part], np.sqrt(np.var(np.asarray(e0)[:, part], 0).mean()),
+                               rtol=1e-5)
+
+
+def test_marginal_kernel_matches_its_exact_form():
+  # The features' inner products approach the mean over coordinates of 1-D RBFs.
+  rng = np.random.default_rng(12)
+  e = jnp.asarray(rng.normal(size=(30, 3)) * [1.0, 0.1, 3.0], jnp.float32)
+  ones = jnp.ones(30)
+  phi = losses.marginal_features(jax.random.PRNGKey(0), e, ones, (0, 1), n_features=20000)
+  x = np.asarray(e)
+  beta = 2 * x.var(0) * 30 / 29
+  d2 = (x[:, None] - x[None]) ** 2                                    # (B, B, D)
+  want = sum(np.exp(-d2 / (beta * 2.0 ** j)) for j in (0, 1)).mean(-1) / 2
+  np.testing.assert_allclose(np.asarray(phi @ phi.T), want, atol=0.03)
+
+
+def test_marginal_kernel_reads_a_single_coordinates_shape():
+  # One coordinate of 16 whose spread, not mean, depends on the label: the
+  # row kernels hardly see it; the additive kernel does.
+  rng = np.random.default_rng(13)
+  y = rng.integers(0, 2, 600)
+  e = rng.normal(size=(600, 16))
+  e[:, 0] = np.where(y == 1, rng.choice([-1.0, 1.0], 600) + 0.2 * rng.normal(size=600),
+                     0.3 * rng.normal(size=600))
+  e = jnp.asarray(e, jnp.float32)
+  mi, null = losses.mi_estimate(jax.random.PRNGKey(0), e, jnp.asarray(y)[None], jnp.ones((1, 600)),
+                                num_classes=2, linear=True, centre=True, marginal=16)
+  chex.assert_shape([mi, null], (1, 1 + len(losses.BANDWIDTH_EXPONENTS) + 1))
+  ratio = np.asarray(mi[0] / null[0])
+  assert ratio[-1] > 5 and ratio[-1] > 3 * ratio[1:-1].max(), ratio
 
 
 def test_an_estimate_without_any_kernel_is_a_config_error():

@@ -25,3 +25,5 @@ class Model(NamedTuple):
   user_table: Callable[..., Any]
   # (params, table (n_users, D)) -> params
   with_user_table: Callable[..., Any]
+  # widths of the parts the user table is made of (NCF: GMF, MLP); () = one part
+  user_parts: tuple = ()

@@ -113,4 +113,4 @@ def make(model_cfg, train_cfg) -> Model:
   def with_user_table(params, table):
     return {**params, "gmf_user": table[:, :dim], "mlp_user": table[:, dim:]}
 
-  return Model("ncf", init, build_aux, loss, score, user_table, with_user_table)
+  return Model("ncf", init, build_aux, loss, score, user_table, with_user_table, (dim, dim))

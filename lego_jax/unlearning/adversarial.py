@@ -130,7 +130,7 @@ def make(base: Model, labels, num_classes: Sequence[int], weight: float = 1.0,
     return {**params, "base": base.with_user_table(params["base"], table)}
 
   return Model("adversarial-" + base.name, init, base.build_aux, loss, score, user_table,
-               with_user_table)
+               with_user_table, base.user_parts)
 
 
 def adversary_losses(base: Model, params, labels, users=None):

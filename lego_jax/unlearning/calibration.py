@@ -11,6 +11,7 @@ interrupted calibration resumes where it stopped.
 
 import dataclasses
 import functools
+import itertools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import chex
@@ -25,6 +26,7 @@ from lego_jax.unlearning import calibrators, losses
 LOSSES = ("mmd", "d2d", "adversarial", "vclub")
 LINEAR_SCOPES = ("batch", "population")
 PROJECTIONS = ("none", "ball")
+UNITS = ("parts", "coordinates", "none")
 BALLS = ("row", "table")
 ADV_HIDDEN = 64
 
@@ -45,8 +47,11 @@ class Spec:
   linear_kernel: bool = True  # also a linear kernel (class means), hinged on its own
   linear_scope: str = "batch"  # the linear kernel on the minibatch | on every user (O(n D))
   centre: bool = True         # RBF kernels on class-centred rows (shape only; see losses)
+  units: str = "parts"        # what the MI estimate measures each coordinate in (see `units`)
+  parts: tuple = ()           # widths of the user table's parts (the backbone's user_parts)
   estimator: str = "kernel"   # kernel (B x B matrices) | features (random Fourier features)
   features: int = 512         # random features per bandwidth
+  marginal_features: int = 0   # the additive per-coordinate kernel's features (0 = none)
   hinge: str = "kernel"       # each kernel stopped at its own null | "sum" of kernels
   null_perms: int = 1         # permutations averaged for the null level
   projection: str = "none"    # ball: after every step, back onto the L2 ball around E0
@@ -66,6 +71,8 @@ class Spec:
       raise unknown("hinge", self.hinge, losses.HINGES)
     if self.linear_scope not in LINEAR_SCOPES:
       raise unknown("linear kernel scope", self.linear_scope, LINEAR_SCOPES)
+    if self.units not in UNITS:
+      raise unknown("unit", self.units, UNITS)
     if self.projection not in PROJECTIONS:
       raise unknown("projection", self.projection, PROJECTIONS)
     if self.ball not in BALLS:
@@ -83,23 +90,26 @@ class Spec:
       raise LegoError(f"unlearn.steps must be >= 0, got {self.steps}")
 
   @classmethod
-  def from_config(cls, cfg: dict, num_classes: int, chunk: int = 0) -> "Spec":
-    """From config["unlearn"], whose fields have the same names."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "chunk"}
+  def from_config(cls, cfg: dict, num_classes: int, chunk: int = 0, parts=()) -> "Spec":
+    """From config["unlearn"], whose fields have the same names; `parts` from the backbone."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "chunk", "parts"}
     kw = {f: cfg[f] for f in fields}
     kw["bandwidths"] = tuple(kw["bandwidths"])
-    return cls(num_classes=num_classes, chunk=chunk, **kw)
+    return cls(num_classes=num_classes, chunk=chunk, parts=tuple(parts), **kw)
 
-  def mi(self, key, table, users, labels):
+  def mi(self, key, table, users, labels, units=None):
     """MI estimate, null level and penalised excess (see `losses`) per attribute.
 
-    `labels` (A, n) in `table` (n, D), estimated on the rows `users`; with
+    `labels` (A, n) in `table` (n, D), estimated on the rows `users`, with
+    each coordinate divided by `units` (D,) where given (see `units`); with
     `linear_scope="population"` the linear kernel (the class means) is
     measured on every row instead. It needs only the class means, so that
     costs O(n D), and its null level falls with n: the batch's null is high
     enough to stop while a probe trained on thousands of users still reads
     the class means.
     """
+    if units is not None:
+      table = table / units
     e, ys = table[users], labels[:, users]
     ms = (ys >= 0).astype(e.dtype)
     population = self.linear_kernel and self.linear_scope == "population"
@@ -113,7 +123,7 @@ class Spec:
       parts.append(losses.mi_estimate(
           key, e, ys, ms, estimator=self.estimator, exponents=self.bandwidths,
           linear=self.linear_kernel and not population, centre=self.centre,
-          n_features=self.features, **kw))
+          n_features=self.features, marginal=self.marginal_features, **kw))
     mi, null = (jnp.concatenate(x, -1) for x in zip(*parts))
     return mi, null, losses.excess_mi(mi, null, self.stop, self.hinge)
 
@@ -165,6 +175,34 @@ ScoreFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 def spread(e0) -> jax.Array:
   """The table's scale: root-mean-square deviation of a coordinate from its mean."""
   return jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.var(e0, axis=0))))
+
+
+def units(e0, spec: Spec) -> Optional[jax.Array]:
+  """(D,) what the MI estimate divides each coordinate by (`unlearn.units`), or
+  None where it reads the table as it is (so that program stays unchanged).
+
+  `parts`: each part of the user table (`Spec.parts`, e.g. NCF's GMF and MLP
+  towers) by its own spread, so every part counts alike whatever its scale; a
+  table of one part is left as it is. `coordinates`: each coordinate by its
+  spread. `none`: 1. Attackers standardise their inputs, so a narrow part is
+  as visible to them as a wide one; raw kernels are not: NCF's MLP-tower half
+  spreads 3 times narrower than its GMF half, weighed a ninth as much in the
+  kernels, and kept the gender signal the MLP attacker read
+  (docs/findings.md).
+  """
+  d = e0.shape[-1]
+  if spec.units == "coordinates":
+    return jax.lax.stop_gradient(jnp.maximum(jnp.std(e0, axis=0), 1e-12))
+  if spec.units == "none" or len(spec.parts) <= 1:
+    return None
+  if sum(spec.parts) != d:
+    raise LegoError(f"the backbone's user table parts {spec.parts} do not add up to its "
+                    f"width {d}")
+  var = jnp.var(e0, axis=0)
+  edges = [0, *itertools.accumulate(spec.parts)]
+  out = jnp.concatenate([jnp.full((b - a,), jnp.sqrt(jnp.mean(var[a:b])))
+                         for a, b in zip(edges[:-1], edges[1:])])
+  return jax.lax.stop_gradient(jnp.maximum(out, 1e-12)).astype(e0.dtype)
 
 
 def stratified_batch(key, y, size: int):
@@ -264,6 +302,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
   # table of any scale alike: LightGCN's rows spread 2.3 times wider than
   # MF's, and in absolute units its pull was 5 times stronger (docs/findings.md).
   s = spread(e0)
+  u = units(e0, spec)
   tx = optax.adam(hp.lr * s)
   r = radius(e0, spec)
 
@@ -283,7 +322,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       mi_term = jnp.sum(mi)
     else:
       # Pushing the estimate below its permuted-label level is the overshoot of §7.
-      mi, null, excess = spec.mi(k_mi, table, users, ys)
+      mi, null, excess = spec.mi(k_mi, table, users, ys, u)
       mi, null = mi.sum(-1), null.sum(-1)
       mi_term = jnp.sum(excess)
     rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)

@@ -51,14 +51,15 @@ class Spec:
       object.__setattr__(self, "mi", calibration.Spec(num_classes=self.num_classes))
 
   @classmethod
-  def from_config(cls, cfg: dict, unlearn_cfg: dict, num_classes: int) -> "Spec":
+  def from_config(cls, cfg: dict, unlearn_cfg: dict, num_classes: int, parts=()) -> "Spec":
     # An adversarial calibration is combined with the MMD estimator; a vCLUB one
     # with vCLUB, under classifiers of the combination's own (see `fit`).
     loss = unlearn_cfg["loss"] if unlearn_cfg["loss"] in (*losses.MI_LOSSES, "vclub") else "mmd"
     # The combination's own stopping rule and class-mean scope: it learns a few
     # weights, not free rows, so it can use estimates a brick would overfit.
     own = {f: cfg[f] for f in ("stop", "linear_scope") if f in cfg}
-    mi = calibration.Spec.from_config({**unlearn_cfg, "loss": loss, **own}, num_classes)
+    mi = calibration.Spec.from_config({**unlearn_cfg, "loss": loss, **own}, num_classes,
+                                      parts=parts)
     return cls(num_classes=num_classes, mode=cfg["mode"], steps=cfg["steps"],
                batch_users=unlearn_cfg["batch_users"], margin=unlearn_cfg["margin"],
                guard=unlearn_cfg["guard"],
@@ -124,6 +125,7 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
   heads = (calibration.init_classifiers(k_heads, e0.shape[1], spec.num_classes,
                                         spec.mi.vclub_hidden, labels.shape[0]) if vclub else ())
   htx = optax.adam(spec.mi.vclub_lr)
+  u = calibration.units(e0, spec.mi)
 
   def objective(w, users, k_mi, heads):
     table = combine(w, e0, bricks, active, spec.mode)
@@ -132,7 +134,7 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
                                     labels[:, users])
       null, gap = jnp.zeros_like(mi), mi
     else:
-      mi, null, gap = spec.mi.mi(k_mi, table, users, labels)
+      mi, null, gap = spec.mi.mi(k_mi, table, users, labels, u)
     rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
     return total, {"mi": mi, "null": null, "rank": rank}

@@ -72,6 +72,32 @@ def random_features(key, e: jax.Array, m: jax.Array, exponents=BANDWIDTH_EXPONEN
   return out
 
 
+def marginal_features(key, e: jax.Array, m: jax.Array, exponents=(0,),
+                      n_features: int = 16) -> jax.Array:
+  """(B, D J F) random Fourier features of an additive kernel: the mean over
+  coordinates d of 1-D RBF kernels at bandwidths beta_d 2^j, with beta_d the
+  coordinate's own mean pairwise squared distance (held constant). Its cost
+  grows with B D J F, so the MI estimate uses one bandwidth (j = 0).
+
+  Its MMD compares each coordinate's class-conditional distribution with the
+  marginal one, which is what trees splitting on single coordinates read and
+  what an RBF kernel on whole rows, dominated by the other D - 1
+  coordinates, barely sees.
+  """
+  wm = m / jnp.maximum(m.sum(), 1.0)
+  var = jnp.sum(wm[:, None] * (e - mm(wm, e)) ** 2, axis=0)
+  beta = 2.0 * var * m.sum() / jnp.maximum(m.sum() - 1.0, 1.0)
+  beta = jax.lax.stop_gradient(jnp.maximum(beta, 1e-12))
+  d, j = e.shape[-1], len(exponents)
+  # exp(-x^2 / (beta 2^j)) = exp(-x^2 / (2 s^2)) with s^2 = beta 2^(j-1); w ~ N(0, 1/s^2)
+  s = jnp.sqrt(beta[:, None] * 2.0 ** (jnp.asarray(exponents, e.dtype)[None, :] - 1.0))
+  k_w, k_b = jax.random.split(key)
+  w = jax.random.normal(k_w, (d, j, n_features), e.dtype) / s[..., None]
+  b = jax.random.uniform(k_b, (d, j, n_features), e.dtype, 0.0, 2.0 * jnp.pi)
+  phi = jnp.cos(e[:, :, None, None] * w + b)
+  return phi.reshape(e.shape[0], -1) * jnp.sqrt(2.0 / (n_features * d * j))
+
+
 def class_weights(y: jax.Array, m: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
   """Per-class sample weights W (C, B) (rows sum to 1 or 0) and class priors pi (C,)."""
   onehot = jax.nn.one_hot(y, num_classes) * m[:, None]        # (B, C); y = -1 -> zeros
@@ -139,7 +165,8 @@ def class_centred(e, y, m, num_classes: int) -> jax.Array:
 
 def mi_estimate(key, e, ys, ms, *, num_classes: int, loss: str = "mmd", estimator: str = "kernel",
                 exponents=BANDWIDTH_EXPONENTS, linear: bool = False, centre: bool = False,
-                n_features: int = 512, n_null: int = 1) -> tuple[jax.Array, jax.Array]:
+                n_features: int = 512, n_null: int = 1,
+                marginal: int = 0) -> tuple[jax.Array, jax.Array]:
   """MI estimates of attributes `ys` (A, B) in embeddings `e` (B, D), per kernel.
 
   Returns (mi, null), each (A, J) with J the kernels (linear first if asked,
@@ -151,8 +178,13 @@ def mi_estimate(key, e, ys, ms, *, num_classes: int, loss: str = "mmd", estimato
   (`class_centred`): they measure differences in shape only, and the class
   means (what a linear probe reads) are left to the linear kernel alone, so
   pushing out a nonlinear signal cannot over-balance the means.
+
+  `marginal` > 0 adds one more kernel, last: the additive kernel of
+  `marginal_features` (that many features per coordinate, at each
+  coordinate's own bandwidth), on the class-centred rows where `centre`.
   """
   k_feat, k_perm = jax.random.split(key)
+  k_marg = jax.random.fold_in(key, 2)
   perms = jax.vmap(lambda k: jax.random.permutation(k, e.shape[0]))(
       jax.random.split(k_perm, n_null))
   ones = jnp.ones(e.shape[:1], e.dtype)
@@ -178,6 +210,13 @@ def mi_estimate(key, e, ys, ms, *, num_classes: int, loss: str = "mmd", estimato
                 + random_features(k_feat, class_centred(e, y, m, num_classes), ones, exponents,
                                   False, n_features))
       return jnp.stack([feature_mi(p, y, m, num_classes, loss) for p in phis])
+  if marginal and exponents:
+    joint = per_kernel
+
+    def per_kernel(y, m):
+      x = class_centred(e, y, m, num_classes) if centre else e
+      phi = marginal_features(k_marg, x, ones, n_features=marginal)
+      return jnp.concatenate([joint(y, m), feature_mi(phi, y, m, num_classes, loss)[None]])
   per_attr = jax.vmap(per_kernel)
   mi = per_attr(ys, ms)
   null = jnp.mean(jax.vmap(lambda p: per_attr(ys[:, p], ms[:, p]))(perms), axis=0)
