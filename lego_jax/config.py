@@ -112,6 +112,7 @@ DEFAULTS: dict[str, Any] = {
         "probe_repeats": 0,
         "control_rounds": 4,
         "max_gain": 4.0,
+        "residual_means": True,
         "per_attribute": {},
     },
     "combine": {
@@ -295,6 +296,11 @@ DESCRIPTIONS: dict[str, str] = {
                              "users one split's reading varies more than the target",
     "unlearn.control_rounds": "search rounds per loop; each reads the probes on two tables",
     "unlearn.max_gain": "how far a move that stopped short may be extended",
+    "unlearn.residual_means": "after the combination's gains, take back a share (0.25, 0.5 "
+                              "or 0.75 per attribute: the smallest the probes read within "
+                              "twice the target, else the closest) of each attribute's class "
+                              "means left in the combined table, fitted jointly: correlated "
+                              "bricks cross when added (docs/findings.md)",
     "unlearn.per_attribute": "per-attribute `w_mi`, `lam_rank`, `l2`, `lr`, keyed by "
                              "attribute name (`--set unlearn.per_attribute.age.l2=1`)",
 

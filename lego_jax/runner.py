@@ -185,12 +185,15 @@ def _status(u: Unlearner, as_json: bool):
                            "brick alone: probe leakage BAcc-chance [95%]", "created"), rows))
     comb = s.get("combination") or {}
     if comb.get("leakage"):
-      rows = [(a, "/".join(f"{g:.2f}" for g in comb["gains"][a]), _leak(r))
+      shares = comb.get("residual_means") or {}
+      rows = [(a, "/".join(f"{g:.2f}" for g in comb["gains"][a]), f"{shares.get(a, 0.0):.2f}",
+               _leak(r))
               for a, r in comb["leakage"].items()]
       out += ("\n\ncombined table (validation NDCG@10 retention "
               f"{comb['retention_valid']:.3f}; every attribute within the target: "
               f"{'yes' if comb['within_target'] else 'no'})\n"
-              + format_table(("attribute", "gains", "probe leakage BAcc-chance [95%]"), rows))
+              + format_table(("attribute", "gains", "class means taken back",
+                              "probe leakage BAcc-chance [95%]"), rows))
       out += "".join(f"\nwarning: {w}" for w in comb.get("warnings") or [])
     return out
   return u.status(), as_json, text

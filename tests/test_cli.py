@@ -58,12 +58,14 @@ def test_workdir_commands(capsys, fresh_workdir, tmp_path):
              for b in status["bricks"].values())
   comb = status["combination"]
   assert set(comb["leakage"]) == {"gender", "age"} and len(comb["gains"]["gender"]) == 2
+  assert set(comb["residual_means"]) == {"gender", "age"}
   assert set(comb["leakage"]["gender"]) == {"linear", "mlp"}
   worst = max(abs(r["signed"]) for a in comb["leakage"].values() for r in a.values())
   assert comb["within_target"] == (worst <= 0.01)
   assert comb["within_target"] or any("probe reads" in w for w in comb["warnings"])
   code, out, _ = run_cli(capsys, "request", "status", "--workdir", wd)
   assert code == 0 and "every attribute within the target" in out
+  assert "class means taken back" in out
   assert run_cli(capsys, "request", "add", "occupation", "--workdir", wd)[0] == 0
   assert run_cli(capsys, "request", "withdraw", "age", "--workdir", wd)[0] == 0
   code, out, _ = run_cli(capsys, "request", "status", "--workdir", wd, "--json")

@@ -114,3 +114,23 @@ def test_strength_step_pushes_stalled_under_removal_eases_overshoot_and_keeps_th
   f, g = control.MI_FACTOR, control.PULL_FACTOR
   np.testing.assert_allclose(w_mi, [f, 1.0, 1 / f, 1.0])
   np.testing.assert_allclose(l2, [2.0 / g, 2.0, 2.0 * g, 2.0])
+
+
+def test_class_mean_parts_are_fitted_jointly_so_a_shared_shift_is_counted_once():
+  rng = np.random.default_rng(0)
+  n, d = 1200, 5
+  a = rng.integers(0, 2, n)
+  b = np.where(rng.random(n) < 0.8, a, 1 - a)          # b agrees with a for 80% of users
+  b[:50] = -1                                            # unlabelled
+  table = rng.normal(size=(n, d))
+  table[:, 0] += 2.0 * a                                 # only a's classes are apart
+  parts = control.class_mean_parts(table.astype(np.float32), np.stack([a, b]), [2, 2])
+  assert parts.shape == (2, n, d) and parts.dtype == np.float32
+  # Along a's shift, b's part is nearly nothing; fitted alone, b claims most of it.
+  alone, _ = control.split_move(table - table.mean(0), b, 2)
+  assert np.abs(parts[1][:, 0]).max() < 0.2 < 0.5 < np.abs(alone[:, 0]).max()
+  assert np.abs(parts[0][:, 0]).max() > 0.8
+  left = table - parts.sum(0)
+  for y in (a, b):
+    means = [left[y == c].mean(0) for c in (0, 1)]
+    np.testing.assert_allclose(means[0], means[1], atol=1e-4)   # no class mean left

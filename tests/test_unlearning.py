@@ -688,3 +688,55 @@ def test_brick_from_another_backbone_is_refused(fresh_workdir):
   checkpoint.save(fresh_workdir / "bricks" / "gender", tree, {**meta, "split": "0123456789abcdef"})
   with pytest.raises(LegoError, match="differs: split"):
     Unlearner(Workdir.open(fresh_workdir), progress=False).table("brick:gender")
+
+
+def test_residual_means_take_back_the_stored_share_of_the_combined_class_means(fresh_workdir):
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  plain = Unlearner(wd, progress=False).unlearn(names)
+  config = {**wd.config, "unlearn": {**wd.config["unlearn"], "residual_means": True,
+                                     "target_leakage": 0.0}}
+  u = Unlearner(wd, progress=False, config=config)
+  table = u.unlearn(names)                               # bricks reused, recombined
+  shares = u.status()["combination"]["residual_means"]
+  assert set(shares) == set(names)
+  assert all(s in (0.0,) + control.RESIDUAL_SHARES for s in shares.values())
+  labels, num_classes = wd.labels(names)
+  parts = control.class_mean_parts(plain, labels, num_classes)
+  expected = plain - np.tensordot(np.asarray([shares[n] for n in names], plain.dtype), parts, 1)
+  np.testing.assert_allclose(table, expected, atol=1e-5)
+  np.testing.assert_allclose(u.table("combined"), table, atol=1e-6)
+
+
+def test_residual_means_take_back_per_attribute_the_share_the_probes_read_best(fresh_workdir):
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  plain = Unlearner(wd, progress=False).unlearn(names)
+  labels, num_classes = wd.labels(names)
+
+  def gap(table, a):   # how far apart the attribute's class means are
+    x = np.asarray(table, np.float64)
+    means = np.stack([x[labels[a] == c].mean(0) for c in range(num_classes[a])])
+    return np.linalg.norm(means - means.mean(0))
+
+  best_at = np.asarray([0.5, 0.25])   # probes read chance once this share is taken back
+
+  def fake_read(table, names, seeds=None):
+    signed = np.asarray([[abs((1 - gap(table, a) / gap(plain, a)) - best_at[a]) for a in (0, 1)]])
+    return control.Reading(np.repeat(signed, 2, 0), signed - 0.01, signed + 0.01,
+                           ("linear", "mlp"))
+  u = Unlearner(wd, progress=False)
+  u._read = fake_read
+  reading = fake_read(plain, names)
+  table, shares, after, ret = u._take_back_means(names, plain, reading, None,
+                                                 lambda g, t: 0.99, 0.95, 1.0)
+  np.testing.assert_array_equal(shares, best_at)
+  assert after.worst().max() < 0.05 < reading.worst().min()
+  parts = control.class_mean_parts(plain, labels, num_classes)
+  np.testing.assert_allclose(table, plain - 0.5 * parts[0] - 0.25 * parts[1], atol=1e-5)
+  # Under the utility floor, the table is left as it was.
+  kept = u._take_back_means(names, plain, reading, None, lambda g, t: 0.9, 0.95, 1.0)
+  np.testing.assert_array_equal(kept[0], plain)
+  np.testing.assert_array_equal(kept[1], 0.0)
