@@ -277,8 +277,8 @@ class Unlearner:
     gains, history = self._solve(lambda g: self._read(table_at(g), active, seeds=seeds), active,
                                  False)
     original = self._valid_ndcg(np.asarray(self.target().e0))
-    retention = lambda g, table=None: (self._valid_ndcg(table_at(g) if table is None else table)
-                                       / original if original else 1.0)
+    retention_of = lambda table: self._valid_ndcg(table) / original if original else 1.0
+    retention = lambda g: retention_of(table_at(g))
     ret = retention(gains)
     warnings = []
     if ret < floor:   # the steps read, closest to chance first, until one keeps the floor
@@ -298,7 +298,7 @@ class Unlearner:
     shares = np.zeros(k)
     if self.cfg["residual_means"] and np.any(reading.worst() > tol):
       table, shares, reading, ret = self._take_back_means(active, table, reading, seeds,
-                                                          retention, min(floor, ret), ret)
+                                                          retention_of, min(floor, ret), ret)
     within = bool(np.all(reading.worst() <= tol))
     for a, name in enumerate(active):
       if reading.worst()[a] > tol:
@@ -312,13 +312,14 @@ class Unlearner:
         "leakage": reading.report(active), "retention_valid": float(ret),
         "within_target": within, "warnings": warnings, "control_steps": len(history)}
 
-  def _take_back_means(self, active, table, reading, seeds, retention, floor, ret):
+  def _take_back_means(self, active, table, reading, seeds, retention_of, floor, ret):
     """`unlearn.residual_means`: the combined table less a share of what is left
     of each attribute's class means (`control.class_mean_parts`), per attribute
     the smallest share its probes read within twice the target, else the one
-    they read closest to chance. Kept only where
-    the probes read the result closer to chance than the table without it, at
-    a retention of at least `floor`; returns (table, shares, reading, retention).
+    they read closest to chance. Kept only where the probes read the result
+    closer to chance on average than the table without it, at a retention
+    (`retention_of(table)`) of at least `floor`; returns (table, shares,
+    reading, retention).
 
     Each brick alone reaches chance, but added they cross: correlated
     attributes shift each other's class means, and a shift no gain on the
@@ -335,7 +336,7 @@ class Unlearner:
       if settled.all():
         break
       r = self._read(at(np.full(len(active), share)), active, seeds=seeds)
-      self._say(f"control, class means left: x{share:.2f} " + "; ".join(
+      self._say(f"control, class means taken back: x{share:.2f} " + "; ".join(
           f"{n} {r.signed[int(np.argmax(np.abs(r.signed[:, a]))), a]:+.3f}"
           for a, n in enumerate(active)))
       better = ~settled & (r.worst() < best)
@@ -347,7 +348,7 @@ class Unlearner:
     if shares.any():
       cand = at(shares)
       r = self._read(cand, active, seeds=seeds)
-      cand_ret = retention(None, cand)
+      cand_ret = retention_of(cand)
       if control.score(r) < control.score(reading) and cand_ret >= floor:
         return cand, shares, r, cand_ret
     return table, np.zeros(len(active)), reading, ret

@@ -393,7 +393,8 @@ def test_vmapped_calibration_equals_python_loop():
     hp = jax.tree.map(lambda x: x[k], hparams(2))
     brick, _, _ = calibration.calibrate_one(target, jnp.asarray(labels[k]), hp, keys[k],
                                             spec=SPEC, score_fn=score)
-    chex.assert_trees_all_close(bricks[k], brick, atol=1e-5)
+    # float32: a batched program may sum in another order (jax 0.10: 3.4e-5).
+    chex.assert_trees_all_close(bricks[k], brick, atol=1e-4)
   assert float(jnp.abs(bricks).max()) > 0  # it moved
 
 
@@ -731,12 +732,12 @@ def test_residual_means_take_back_per_attribute_the_share_the_probes_read_best(f
   u._read = fake_read
   reading = fake_read(plain, names)
   table, shares, after, ret = u._take_back_means(names, plain, reading, None,
-                                                 lambda g, t: 0.99, 0.95, 1.0)
+                                                 lambda t: 0.99, 0.95, 1.0)
   np.testing.assert_array_equal(shares, best_at)
   assert after.worst().max() < 0.05 < reading.worst().min()
   parts = control.class_mean_parts(plain, labels, num_classes)
   np.testing.assert_allclose(table, plain - 0.5 * parts[0] - 0.25 * parts[1], atol=1e-5)
   # Under the utility floor, the table is left as it was.
-  kept = u._take_back_means(names, plain, reading, None, lambda g, t: 0.9, 0.95, 1.0)
+  kept = u._take_back_means(names, plain, reading, None, lambda t: 0.9, 0.95, 1.0)
   np.testing.assert_array_equal(kept[0], plain)
   np.testing.assert_array_equal(kept[1], 0.0)
