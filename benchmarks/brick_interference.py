@@ -1,6 +1,6 @@
 """How stored bricks interfere when they are added: what the attackers read.
 
-  python benchmarks/brick_interference.py --workdir W [--json]
+  python benchmarks/brick_interference.py --workdir W [--shares 0.4,1] [--json]
 
 W is a workdir where `lego-jax unlearn` has made a brick per attribute and a
 combination; it is only read. The evaluation attackers (MLP and linear,
@@ -10,8 +10,9 @@ cv5, signed leakage BAcc - chance) and test NDCG@10 retention are measured on:
   - each brick projected off the other attributes' class indicators
     (least squares on the centred one-hot columns), then summed: a brick
     that no longer moves the other attributes' class means;
-  - the combined table with every attribute's class means removed jointly
-    (least squares on all the one-hot columns at once).
+  - the combined table less a share of every attribute's class means,
+    fitted jointly (`control.class_mean_parts`), for each of `--shares`
+    (1: all of them removed).
 Each brick alone at chance while the sum reads the attributes again means
 the bricks cross: correlated attributes move each other's class means.
 Prints one JSON object per table, then a table.
@@ -27,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax.errors import LegoError  # noqa: E402
 from lego_jax.requests import Unlearner  # noqa: E402
+from lego_jax.unlearning import control  # noqa: E402
 from lego_jax.workdir import Workdir  # noqa: E402
 
 
@@ -45,6 +47,8 @@ def off(x: np.ndarray, z: np.ndarray) -> np.ndarray:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True)
+  ap.add_argument("--shares", default="1",
+                  help="shares of the combined table's class means to take back, comma-separated")
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args()
   wd = Workdir.open(args.workdir)
@@ -62,8 +66,9 @@ def main():
   tables["stored combination"] = combined
   tables["sum of bricks off the others' classes"] = e0 + sum(
       off(bricks[n], indicators(labels, num_classes, others(k))) for k, n in enumerate(names))
-  z = indicators(labels, num_classes, range(len(names)))
-  tables["combination, class means removed"] = combined.mean(0) + off(combined - combined.mean(0), z)
+  means = control.class_mean_parts(combined, labels, num_classes).sum(0)
+  for share in (float(x) for x in args.shares.split(",")):
+    tables[f"combination less {share:g} of its class means"] = combined - share * means
   orig = wd.evaluate()["ndcg@10"]
   rows = []
   for what, table in tables.items():
