@@ -34,9 +34,8 @@ from lego_jax.workdir import Workdir  # noqa: E402
 
 def indicators(labels, num_classes, which) -> np.ndarray:
   """Centred one-hot columns of the attributes `which` (-1 = missing: all zero)."""
-  z = np.stack([(labels[i] == c).astype(np.float64)
-                for i in which for c in range(num_classes[i])], 1)
-  return z - z.mean(0)
+  z, owner = control.class_indicators(labels, num_classes)
+  return z[:, np.isin(owner, list(which))]
 
 
 def off(x: np.ndarray, z: np.ndarray) -> np.ndarray:

@@ -332,10 +332,11 @@ class Unlearner:
     tol = float(self.cfg["target_leakage"])
     shares, best = np.zeros(len(active)), reading.worst()
     settled = best <= 2 * tol
+    read = {}
     for share in control.RESIDUAL_SHARES:
       if settled.all():
         break
-      r = self._read(at(np.full(len(active), share)), active, seeds=seeds)
+      r = read[share] = self._read(at(np.full(len(active), share)), active, seeds=seeds)
       self._say(f"control, class means taken back: x{share:.2f} " + "; ".join(
           f"{n} {r.signed[int(np.argmax(np.abs(r.signed[:, a]))), a]:+.3f}"
           for a, n in enumerate(active)))
@@ -347,7 +348,8 @@ class Unlearner:
       settled |= best <= 2 * tol
     if shares.any():
       cand = at(shares)
-      r = self._read(cand, active, seeds=seeds)
+      same = shares[0] if np.all(shares == shares[0]) else None
+      r = read[same] if same in read else self._read(cand, active, seeds=seeds)
       cand_ret = retention_of(cand)
       if control.score(r) < control.score(reading) and cand_ret >= floor:
         return cand, shares, r, cand_ret

@@ -139,6 +139,18 @@ def split_move(delta: np.ndarray, codes: np.ndarray, num_classes: int):
 RESIDUAL_SHARES = (0.25, 0.5, 0.75)
 
 
+def class_indicators(labels, num_classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(n, C) every attribute's one-hot class columns, centred (unlabelled users
+  are zeros before centring), and (C,) the attribute each column belongs to."""
+  cols, owner = [], []
+  for k, (y, c) in enumerate(zip(labels, num_classes)):
+    for cls in range(int(c)):
+      cols.append((np.asarray(y) == cls).astype(np.float64))
+      owner.append(k)
+  z = np.stack(cols, 1)
+  return z - z.mean(0), np.asarray(owner)
+
+
 def class_mean_parts(table: np.ndarray, labels: np.ndarray, num_classes: Sequence[int]
                      ) -> np.ndarray:
   """(K, n, D) each attribute's part of the table's class means, fitted jointly.
@@ -149,16 +161,9 @@ def class_mean_parts(table: np.ndarray, labels: np.ndarray, num_classes: Sequenc
   they share, and taking both back would count it twice: the crossing of
   the bricks this is for (docs/findings.md).
   """
-  cols, owner = [], []
-  for k, (y, c) in enumerate(zip(labels, num_classes)):
-    for cls in range(int(c)):
-      cols.append((np.asarray(y) == cls).astype(np.float64))
-      owner.append(k)
-  z = np.stack(cols, 1)
-  z -= z.mean(0)
+  z, owner = class_indicators(labels, num_classes)
   x = np.asarray(table, np.float64)
   coef = np.linalg.lstsq(z, x - x.mean(0), rcond=None)[0]
-  owner = np.asarray(owner)
   return np.stack([z[:, owner == k] @ coef[owner == k] for k in range(len(labels))]
                   ).astype(np.asarray(table).dtype)
 

@@ -84,10 +84,7 @@ def marginal_features(key, e: jax.Array, m: jax.Array, exponents=(0,),
   what an RBF kernel on whole rows, dominated by the other D - 1
   coordinates, barely sees.
   """
-  wm = m / jnp.maximum(m.sum(), 1.0)
-  var = jnp.sum(wm[:, None] * (e - mm(wm, e)) ** 2, axis=0)
-  beta = 2.0 * var * m.sum() / jnp.maximum(m.sum() - 1.0, 1.0)
-  beta = jax.lax.stop_gradient(jnp.maximum(beta, 1e-12))
+  beta = jax.vmap(lambda col: bandwidth(col[:, None], m), in_axes=1)(e)   # (D,)
   d, j = e.shape[-1], len(exponents)
   # exp(-x^2 / (beta 2^j)) = exp(-x^2 / (2 s^2)) with s^2 = beta 2^(j-1); w ~ N(0, 1/s^2)
   s = jnp.sqrt(beta[:, None] * 2.0 ** (jnp.asarray(exponents, e.dtype)[None, :] - 1.0))
