@@ -6,6 +6,14 @@ that is renamed into place, so a reader sees the old checkpoint or the new
 one, never half of one; a folder without `metadata.json` is not a checkpoint.
 Arrays are saved as numpy (host) arrays and come back as numpy arrays, so a
 checkpoint written on a GPU restores on a CPU.
+
+Across several processes (`sharding.initialize`) every process calls `save`
+with the same tree: its arrays are gathered to every host, and process 0
+alone writes them while the others wait. Orbax's multi-process save is not
+used: it has every process save to one folder (ours are named per save), and
+called by process 0 alone it fails at its cross-process barrier (a Gloo
+timeout after 30 s, orbax-checkpoint 0.12.8). Orbax here acts for one process
+(`_checkpointer`); each process restores on its own.
 """
 
 import hashlib
@@ -21,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lego_jax import sharding
 from lego_jax.errors import LegoError
 
 _TREE = "tree"
@@ -43,7 +52,22 @@ def _recover(directory: pathlib.Path) -> None:
   """Finishes a swap interrupted between its two renames."""
   old = _backup(directory)
   if not directory.exists() and old.exists() and _complete(old):
-    os.replace(old, directory)
+    try:
+      os.replace(old, directory)
+    except FileNotFoundError:  # another process of the run finished it first
+      pass
+
+
+def _checkpointer() -> ocp.Checkpointer:
+  """Orbax's PyTree checkpointer; across processes, one that acts for this process
+  alone (Orbax's default makes every process join each save and restore)."""
+  if sharding.processes() == 1:
+    return ocp.PyTreeCheckpointer()
+  me = jax.process_index()
+  alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                             barrier_sync_key_prefix=f"lego-jax-{me}")
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                          multiprocessing_options=alone)
 
 
 def exists(directory) -> bool:
@@ -56,12 +80,18 @@ def exists(directory) -> bool:
 def save(directory, tree, metadata: dict) -> None:
   """Saves a pytree of arrays (dicts/lists) and a JSON-able dict, replacing any previous save."""
   directory = pathlib.Path(directory).absolute()
+  tree = jax.tree.map(sharding.to_host, tree)
+  with sharding.writer(f"save {directory}") as writes:
+    if writes:
+      _save(directory, tree, metadata)
+
+
+def _save(directory: pathlib.Path, tree, metadata: dict) -> None:
   directory.parent.mkdir(parents=True, exist_ok=True)
   _recover(directory)
-  tree = jax.tree.map(np.asarray, jax.device_get(tree))
   tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
   try:
-    ocp.PyTreeCheckpointer().save(tmp / _TREE, tree)
+    _checkpointer().save(tmp / _TREE, tree)
     (tmp / _SUMS).write_text(json.dumps(checksums(tree), indent=1, sort_keys=True))
     (tmp / _META).write_text(json.dumps(metadata, indent=1, sort_keys=True))
     old = _backup(directory)
@@ -73,6 +103,13 @@ def save(directory, tree, metadata: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove(directory) -> None:
+  """Deletes the folder at `directory` where there is one (process 0, across processes)."""
+  with sharding.writer(f"remove {directory}") as writes:
+    if writes:
+      shutil.rmtree(directory, ignore_errors=True)
 
 
 def checksums(tree) -> dict:
@@ -102,7 +139,7 @@ def restore(directory):
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # Orbax warns about sharding when restoring to host
-      tree = ocp.PyTreeCheckpointer().restore(directory / _TREE)
+      tree = _checkpointer().restore(directory / _TREE)
     tree = jax.tree.map(np.asarray, tree)
   except Exception as e:  # Orbax and its codecs raise many types on damaged files
     first = (str(e).strip().splitlines() or [""])[0][:160]

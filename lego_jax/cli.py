@@ -8,6 +8,11 @@ import traceback
 from lego_jax.errors import LegoError
 
 
+# Commands that run across several processes (docs/scaling.md): they write
+# through process 0 or not at all. The others would each write their reports.
+MULTI_PROCESS = ("unlearn", "request", "evaluate")
+
+
 def _common(p, config=True, workdir_required=True):
   if config:
     p.add_argument("--config", help="a config name from configs/ (e.g. ml1m_mf) or a .toml path")
@@ -109,8 +114,12 @@ def _print(obj, as_json: bool, table) -> None:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
-  from lego_jax import runner  # after parsing, so --help stays fast
+  from lego_jax import runner, sharding  # after parsing, so --help stays fast
   try:
+    # Before any JAX computation: joining other processes configures the backend.
+    if sharding.initialize() and args.command not in MULTI_PROCESS:
+      raise LegoError(f"`lego-jax {args.command}` runs on one process; of several "
+                      f"({sharding.COORDINATOR} is set) only {', '.join(MULTI_PROCESS)} run")
     out = runner.dispatch(args)
   except LegoError as e:
     print(f"lego-jax: error: {e}", file=sys.stderr)

@@ -332,7 +332,8 @@ DESCRIPTIONS: dict[str, str] = {
     "run.adversarial_weight": "weight of the adversarial term",
     "run.devices": "devices the user axis is split over in calibration, combination and "
                    "evaluation (a one-axis mesh; it must divide the number of users); 1 = one "
-                   "device. On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N",
+                   "device. On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N. "
+                   "On several processes, all of their devices (docs/scaling.md)",
 }
 
 

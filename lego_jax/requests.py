@@ -10,7 +10,6 @@ resumed by the next call that asks for the same attributes and settings.
 
 import datetime
 import functools
-import shutil
 import sys
 import zlib
 from typing import NamedTuple, Optional
@@ -230,7 +229,8 @@ class Unlearner:
   def _parts(self, names, bricks) -> tuple[np.ndarray, np.ndarray]:
     """Each brick's class-mean move and the rest, (K, n, D) each (`control.split_move`)."""
     labels, num_classes = self.wd.labels(names)
-    parts = [control.split_move(b, y, c) for b, y, c in zip(np.asarray(bricks), labels, num_classes)]
+    parts = [control.split_move(b, y, c)
+             for b, y, c in zip(sharding.to_host(bricks), labels, num_classes)]
     return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
 
   def _control_bricks(self, names, bricks: np.ndarray, seeds=None
@@ -238,7 +238,7 @@ class Unlearner:
     """Gains (K, 2) taking each brick alone to chance, and what the probes read there."""
     if self.cfg["control"] == "none":
       return np.ones((len(names), 2)), None
-    e0 = np.asarray(self.target().e0)
+    e0 = sharding.to_host(self.target().e0)
     mean, rest = self._parts(names, bricks)
     gains, history = self._solve(
         lambda g: self._read(e0[None] + g[:, :1, None] * mean + g[:, 1:, None] * rest, names,
@@ -248,7 +248,7 @@ class Unlearner:
 
   def with_gains(self, names, bricks, gains) -> np.ndarray:
     """Bricks (K, n, D) with each one's class-mean part and rest scaled by its gains (K, 2)."""
-    bricks = np.asarray(bricks)
+    bricks = sharding.to_host(bricks)
     out = bricks.copy()
     scaled = [k for k, g in enumerate(np.asarray(gains)) if not g[0] == g[1] == 1.0]
     if scaled:
@@ -276,7 +276,7 @@ class Unlearner:
     seeds = None if seed is None else [seed] * k
     gains, history = self._solve(lambda g: self._read(table_at(g), active, seeds=seeds), active,
                                  False)
-    original = self._valid_ndcg(np.asarray(self.target().e0))
+    original = self._valid_ndcg(sharding.to_host(self.target().e0))
     retention_of = lambda table: self._valid_ndcg(table) / original if original else 1.0
     retention = lambda g: retention_of(table_at(g))
     ret = retention(gains)
@@ -418,9 +418,9 @@ class Unlearner:
               "final_rank": float(out.trace.rank[k, -1]), **self._identity()}
       tree = {"delta": out.bricks[k]}
       if spec.calibrator == "residual":
-        tree["map"] = jax.tree.map(lambda x: np.asarray(x[k]), out.state.params)
+        tree["map"] = jax.tree.map(lambda x: sharding.to_host(x)[k], out.state.params)
       checkpoint.save(self.brick_dir(name), tree, meta)
-    shutil.rmtree(self.bricks_dir / IN_PROGRESS, ignore_errors=True)
+    checkpoint.remove(self.bricks_dir / IN_PROGRESS)
     return todo
 
   def calibrate_tasks(self, names, hps: calibration.HParams, keys, *, seeds=None,
@@ -454,7 +454,7 @@ class Unlearner:
       step = int(np.min(st.step))
       if any(at[0] < c <= step for c in checks):
         tables = target.e0[None] + calibration.bricks(st, target.e0, spec=spec)
-        reading = self._read(np.asarray(tables), names, seeds=seeds)
+        reading = self._read(sharding.to_host(tables), names, seeds=seeds)
         w_mi, l2 = np.asarray(hps.w_mi), np.asarray(hps.l2)
         if "previous" in strength:
           w_mi, l2 = control.strength_step(reading, strength["previous"], w_mi, l2,
@@ -477,7 +477,7 @@ class Unlearner:
                                                  score_fn=bb.score, state=state, adjust=adjust)
     bar.update(spec.steps - at[0])
     bar.close()
-    bricks = np.asarray(bricks)
+    bricks = sharding.to_host(bricks)
     gains, reading = self._control_bricks(names, bricks, seeds)
     return Calibrated(bricks, gains, reading, strength, state, trace)
 
@@ -490,7 +490,7 @@ class Unlearner:
     tree, meta = checkpoint.restore(d)
     strength = meta.pop("strength", None)
     if meta != settings:   # another request was interrupted: start afresh
-      shutil.rmtree(d, ignore_errors=True)
+      checkpoint.remove(d)
       return None, None
     return checkpoint.unflatten(template, tree), strength
 
@@ -526,7 +526,7 @@ class Unlearner:
                                 combination.HParams.from_config(self.config["combine"]),
                                 spec=spec, score_fn=bb.score)
       table, report = self.controlled_table(order, active, bricks, w)
-      weights, names = np.asarray(w), order
+      weights, names = sharding.to_host(w), order
     checkpoint.save(self.wd.path / "combination", {"table": table, "weights": weights},
                     {"active": active, "bricks": names, "mode": self.config["combine"]["mode"],
                      "created": _now(), **report, **self._identity()})
@@ -555,9 +555,9 @@ class Unlearner:
       gains = np.ones((len(order), 2), np.float32)
       gains[index] = g
       gains = jnp.asarray(gains)
-      return np.asarray(combination.combine(w, e0, mean, mask, mode, gains[:, 0])
-                        + combination.combine(w, jnp.zeros_like(e0), rest, mask, mode,
-                                              gains[:, 1]))
+      return sharding.to_host(combination.combine(w, e0, mean, mask, mode, gains[:, 0])
+                              + combination.combine(w, jnp.zeros_like(e0), rest, mask, mode,
+                                                    gains[:, 1]))
     return self._control_combination(active, table_at, seed)
 
   # ---- requests ----------------------------------------------------------

@@ -73,11 +73,14 @@ def write_json(path: os.PathLike, obj) -> None:
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.tmp")
   text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
-  try:
-    tmp.write_text(text)
-    os.replace(tmp, path)
-  except OSError as e:  # a read-only workdir, a full disk
-    raise LegoError(f"cannot write {path}: {e.strerror or e}") from None
+  with sharding.writer(f"write {path}") as writes:
+    if not writes:
+      return
+    try:
+      tmp.write_text(text)
+      os.replace(tmp, path)
+    except OSError as e:  # a read-only workdir, a full disk
+      raise LegoError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _json_default(o):
@@ -174,9 +177,13 @@ def writer_lock(path: os.PathLike):
   never interleave their checkpoints and config.json. The lock is re-entrant
   within a process, and the OS drops it when the holder dies (`flock`), so a
   killed run leaves no stale lock. Readers take no lock: every write is an
-  atomic rename, so they see the old state or the new one.
+  atomic rename, so they see the old state or the new one. Across processes
+  (`sharding.initialize`) process 0 holds it for the run: it alone writes.
   """
   path = pathlib.Path(path)
+  if not sharding.is_writer():
+    yield
+    return
   try:
     path.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
@@ -226,8 +233,9 @@ class Workdir:
       if diffs:
         raise LegoError(f"workdir {path} was built with another config; differs: {'; '.join(diffs)}"
                         " (use another --workdir)")
-    with writer_lock(path):   # creates the folder, or says why it cannot
-      config_lib.save(config, path / "config.json")
+    with writer_lock(path), sharding.writer(f"write {path / 'config.json'}") as writes:
+      if writes:   # writer_lock creates the folder, or says why it cannot
+        config_lib.save(config, path / "config.json")
     return cls(path, config)
 
   @classmethod

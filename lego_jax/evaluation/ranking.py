@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lego_jax import sharding
 from lego_jax.data.dataset import Split
 from lego_jax.errors import LegoError, unknown
 
@@ -86,7 +87,7 @@ def evaluate(score_fn: Callable, split: Split, *, stage: str = "test",
       scores = score_fn(jnp.asarray(pad(users[sl])))
       out = batch_metrics(scores, jnp.asarray(pad(seen[sl])), jnp.asarray(pad(targets[sl])), ks)
       for name, v in out.items():
-        per_user[name].append(np.asarray(v)[:n])
+        per_user[name].append(sharding.to_host(v)[:n])
   per_user = {m: np.concatenate(v) if v else np.zeros(0, np.float32) for m, v in per_user.items()}
   result = {m: float(v.mean()) if len(v) else float("nan") for m, v in per_user.items()}
   result["per_user"] = per_user
