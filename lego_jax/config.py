@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "folds": 5,
         "paper_splits": 40,
         "paper_train_frac": 0.2,
+        "max_users": 20000,
     },
     "unlearn": {
         "attributes": [],
@@ -203,6 +204,8 @@ DESCRIPTIONS: dict[str, str] = {
     "attack.folds": "folds of the `cv5` protocol",
     "attack.paper_splits": "random splits of the `paper` protocol",
     "attack.paper_train_frac": "training share per class in the `paper` protocol",
+    "attack.max_users": "at most this many labelled users per attribute, a seeded sample equal "
+                        "per class, so the attackers' cost stops growing with the table; 0 = all",
 
     "unlearn": "calibration (one brick per attribute) and the closed loop (docs/method.md)",
     "unlearn.attributes": "attributes to unlearn; empty = all of the dataset's",
@@ -756,6 +759,7 @@ CONSTRAINTS = {
     "attack.folds": _range(2, integer=True),
     "attack.paper_splits": POSITIVE_INT,
     "attack.paper_train_frac": FRACTION,
+    "attack.max_users": NON_NEGATIVE_INT,
     "unlearn.loss": _one_of(*LOSSES),
     "unlearn.calibrator": _one_of(*CALIBRATORS),
     "unlearn.steps": POSITIVE_INT,

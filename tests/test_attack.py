@@ -90,6 +90,25 @@ def test_balance_drops_missing_and_equalises_classes():
   np.testing.assert_array_equal(idx, np.sort(idx))
 
 
+def test_max_users_samples_an_equal_share_per_class():
+  codes = np.array([0] * 10 + [1] * 40 + [-1] * 5 + [2] * 30)
+  idx = attack_lib.balance(codes, np.random.default_rng(0), max_users=20)
+  np.testing.assert_array_equal(np.bincount(codes[idx]), [6, 6, 6])
+  # A cap above the balanced size, or 0, changes nothing.
+  for cap in (0, 30, 1000):
+    np.testing.assert_array_equal(attack_lib.balance(codes, np.random.default_rng(0), cap),
+                                  attack_lib.balance(codes, np.random.default_rng(0)))
+
+
+def test_the_sampled_protocol_attacks_at_most_max_users_and_still_finds_the_signal():
+  x, y, classes = _data(n=900, shift=1.0)
+  out = attack_lib.attack(x, y, classes, attacker="linear", config={"steps": 100, "max_users": 140},
+                          names=["a", "b", "c"])
+  for name, c in zip("abc", classes):
+    assert out[name]["n"] == (140 // c) * c, out[name]
+    assert out[name]["bacc"] > out[name]["chance"] + 0.2, out[name]
+
+
 def test_stratified_kfold_partitions_and_stratifies():
   y = np.repeat([0, 1, 2], [11, 11, 11])
   splits = attack_lib.stratified_kfold(y, 5, np.random.default_rng(0))

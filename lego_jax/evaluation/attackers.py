@@ -7,6 +7,11 @@ tasks are padded to common shapes (rows with a zero weight, classes with a
 large negative logit) and trained by one `jax.vmap`-ed, jitted function, so
 three attributes x five folds is a single compiled program.
 
+On a large table each attribute's balanced set is a seeded sample of at
+most `attack.max_users` users, equal per class (the sampled protocol): the
+attackers' cost then stops growing with the users, and BAcc's standard
+error at the default 20,000 (4,000 test users per fold) is about 0.008.
+
 Leakage is |BAcc - chance|, two-sided: an attacker that is reliably *wrong*
 has learned the attribute as well (docs/method.md, evaluation).
 
@@ -58,15 +63,18 @@ class Tasks(NamedTuple):
 # Balancing and splits (numpy, seeded)
 
 
-def balance(codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def balance(codes: np.ndarray, rng: np.random.Generator, max_users: int = 0) -> np.ndarray:
   """Indices of a class-balanced subset: every present class down-sampled to
-  the smallest present class; missing labels (< 0) dropped. Sorted."""
+  the smallest present class, and to max_users // classes where max_users >
+  0; missing labels (< 0) dropped. Sorted."""
   codes = np.asarray(codes)
   present = np.unique(codes[codes >= 0])
   if present.size == 0:
     return np.zeros(0, dtype=np.int64)
   groups = [np.flatnonzero(codes == c) for c in present]
   m = min(g.size for g in groups)
+  if max_users > 0:
+    m = min(m, max(max_users // present.size, 1))
   keep = [rng.choice(g, size=m, replace=False) for g in groups]
   return np.sort(np.concatenate(keep))
 
@@ -143,7 +151,7 @@ def _attribute_tasks(codes, protocol, cfg, seed):
   attribute; a fresh rng per attribute keeps its result independent of
   which other attributes are attacked alongside it."""
   rng = np.random.default_rng(seed)
-  idx = balance(codes, rng)
+  idx = balance(codes, rng, int(cfg["max_users"]))
   y = codes[idx]
   if protocol == "cv5":
     splits = stratified_kfold(y, int(cfg["folds"]), rng)
