@@ -1,6 +1,7 @@
 """How stored bricks interfere when they are added: what the attackers read.
 
-  python benchmarks/brick_interference.py --workdir W [--shares 0.4,1] [--json]
+  python benchmarks/brick_interference.py --workdir W [--shares 0.4,1]
+      [--covariances 0.5,1] [--only-combined] [--judges gbdt,knn25] [--json]
 
 W is a workdir where `lego-jax unlearn` has made a brick per attribute and a
 combination; it is only read. The evaluation attackers (MLP and linear,
@@ -12,7 +13,14 @@ cv5, signed leakage BAcc - chance) and test NDCG@10 retention are measured on:
     that no longer moves the other attributes' class means;
   - the combined table less a share of every attribute's class means,
     fitted jointly (`control.class_mean_parts`), for each of `--shares`
-    (1: all of them removed).
+    (1: all of them removed);
+  - the combined table with each attribute's class covariances moved a share
+    of the way to the pooled within-class covariance, for each of
+    `--covariances` (class by class, x -> mu_c + A_c (x - mu_c) with A_c =
+    S^1/2 S_c^-1/2, S_c shrunk towards S by 64 pseudo-users; attributes in
+    turn): what is left that a second-moment attacker reads.
+`--only-combined` skips the per-brick, plain-sum and projected tables;
+`--judges` adds benchmarks/judge.py's attackers (needs scikit-learn).
 Each brick alone at chance while the sum reads the attributes again means
 the bricks cross: correlated attributes move each other's class means.
 Prints one JSON object per table, then a table.
@@ -22,6 +30,7 @@ import argparse
 import json
 import pathlib
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -43,11 +52,44 @@ def off(x: np.ndarray, z: np.ndarray) -> np.ndarray:
   return x - z @ np.linalg.lstsq(z, x, rcond=None)[0]
 
 
+def match_covariances(x: np.ndarray, codes: np.ndarray, share: float, prior: float = 64.0,
+                      null_draw: Optional[np.random.Generator] = None) -> np.ndarray:
+  """x with each class's covariance moved `share` of the way to the pooled
+  within-class covariance, class means kept; codes -1 = unlabelled (kept).
+
+  With `null_draw`, each class is taken instead to a covariance drawn as an
+  independent class of its size would have one (the sample covariance of
+  n_c - 1 draws from N(0, S)): for Gaussian rows the class is then
+  distributed as under independence, sampling noise included."""
+  def root(s, power):
+    w, v = np.linalg.eigh(s)
+    return (v * np.maximum(w, 1e-10) ** power) @ v.T
+  classes = [c for c in np.unique(codes[codes >= 0]) if (codes == c).sum() > 1]
+  stats = {c: (x[codes == c].mean(0), np.cov(x[codes == c].T), (codes == c).sum())
+           for c in classes}
+  pooled = sum(n * s for _, s, n in stats.values()) / sum(n for *_, n in stats.values())
+  out = x.copy()
+  for c, (mu, s, n) in stats.items():
+    a = root(pooled, 0.5) @ root((n * s + prior * pooled) / (n + prior), -0.5)
+    if null_draw is not None:
+      g = null_draw.multivariate_normal(np.zeros(len(mu)), pooled, size=n - 1)
+      a = root(g.T @ g / (n - 1), 0.5) @ root(pooled, -0.5) @ a
+    rows = codes == c
+    out[rows] = x[rows] + share * ((x[rows] - mu) @ a.T + mu - x[rows])
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--shares", default="1",
                   help="shares of the combined table's class means to take back, comma-separated")
+  ap.add_argument("--covariances", default="",
+                  help="shares of the way to the pooled class covariance, comma-separated")
+  ap.add_argument("--null-draw", action="store_true",
+                  help="--covariances: draw each class's covariance as independence would")
+  ap.add_argument("--only-combined", action="store_true")
+  ap.add_argument("--judges", default="", help="judges of benchmarks/judge.py, comma-separated")
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args()
   wd = Workdir.open(args.workdir)
@@ -60,14 +102,26 @@ def main():
   bricks = {n: u.table(f"brick:{n}") - e0 for n in names}
   combined = u.table("combined").astype(np.float64)
   others = lambda k: [j for j in range(len(names)) if j != k]
-  tables = {f"brick {n} alone": e0 + bricks[n] for n in names}
-  tables["plain sum"] = e0 + sum(bricks.values())
+  tables = {}
+  if not args.only_combined:
+    tables = {f"brick {n} alone": e0 + bricks[n] for n in names}
+    tables["plain sum"] = e0 + sum(bricks.values())
   tables["stored combination"] = combined
-  tables["sum of bricks off the others' classes"] = e0 + sum(
-      off(bricks[n], indicators(labels, num_classes, others(k))) for k, n in enumerate(names))
+  if not args.only_combined:
+    tables["sum of bricks off the others' classes"] = e0 + sum(
+        off(bricks[n], indicators(labels, num_classes, others(k))) for k, n in enumerate(names))
   means = control.class_mean_parts(combined, labels, num_classes).sum(0)
-  for share in (float(x) for x in args.shares.split(",")):
+  for share in (float(x) for x in args.shares.split(",") if x):
     tables[f"combination less {share:g} of its class means"] = combined - share * means
+  for share in (float(x) for x in args.covariances.split(",") if x):
+    table, draw = combined, np.random.default_rng(0) if args.null_draw else None
+    for k in range(len(names)):
+      table = match_covariances(table, labels[k], share, null_draw=draw)
+    to = "a null draw" if args.null_draw else "the pooled"
+    tables[f"combination, class covariances {share:g} of the way to {to}"] = table
+  judges = [j for j in args.judges.split(",") if j]
+  if judges:
+    import judge  # benchmarks/judge.py, beside this script
   orig = wd.evaluate()["ndcg@10"]
   rows = []
   for what, table in tables.items():
@@ -76,13 +130,19 @@ def main():
     for attacker in ("mlp", "linear"):
       res = wd.attack(table, attacker=attacker, names=names)
       row[attacker] = {n: round(r["bacc"] - r["chance"], 3) for n, r in res.items()}
+    for k, n in enumerate(names):
+      for j, r in (judge.judge(table.astype(np.float64), labels[k], judges).items()
+                   if judges else ()):
+        row.setdefault(j, {})[n] = round(r["signed"], 3)
     rows.append(row)
     print(json.dumps(row), flush=True)
   if not args.json:
-    print(f"\n| table | retention | {' | '.join(n + ' (MLP / linear)' for n in names)} |")
+    who = ["mlp", "linear"] + judges
+    heads = [f"{n} ({' / '.join(who)})" for n in names]
+    print(f"\n| table | retention | {' | '.join(heads)} |")
     print("|---|---|" + "---|" * len(names))
     for r in rows:
-      cells = [f"{r['mlp'][n]:+.3f} / {r['linear'][n]:+.3f}" for n in names]
+      cells = [" / ".join(f"{r[w][n]:+.3f}" for w in who) for n in names]
       print(f"| {r['table']} | {r['retention']:.3f} | {' | '.join(cells)} |")
 
 

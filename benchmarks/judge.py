@@ -1,8 +1,12 @@
 """Independent judges of an exported table: attackers lego-jax never steers with.
 
   python benchmarks/judge.py FILE.npz [FILE.npz ...] [--seed 1] [--json]
+  python benchmarks/judge.py W/sweep_tables.npz --labels EXPORT.npz
 
-FILE is what `lego-jax export` writes (embeddings, attr_<name> codes). Per
+FILE is what `lego-jax export` writes (embeddings, attr_<name> codes). With
+--labels, every table in FILE (a `lego-jax sweep`'s `sweep_tables.npz`, one
+combined table per run) is judged against that export's attr_<name> codes,
+and a "mean" row averages the signed leakage over the tables. Per
 attribute, classes are balanced by down-sampling (seeded) and each judge is
 trained from scratch in stratified 5-fold cross-validation: scikit-learn's
 gradient-boosted trees (HistGradientBoostingClassifier), an MLP of another
@@ -67,11 +71,20 @@ def judge(x: np.ndarray, codes: np.ndarray, judges=JUDGES, seed: int = 1) -> dic
   return out
 
 
+def _mean(values) -> dict:
+  """The mean of per-run readings with the 95% t-interval of the mean over runs."""
+  from scipy import stats  # comes with scikit-learn
+  v = np.asarray(values)
+  half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+  return {"signed": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)]}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("files", nargs="+")
   ap.add_argument("--seed", type=int, default=1)
   ap.add_argument("--judges", default=",".join(JUDGES))
+  ap.add_argument("--labels", help="an export whose attr_<name> codes label every table in FILE")
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args()
   judges = [j for j in args.judges.split(",") if j]
@@ -81,9 +94,15 @@ def main():
   results = {}
   for f in args.files:
     z = np.load(f)
-    x = z["embeddings"].astype(np.float64)
-    names = [k[5:] for k in z.files if k.startswith("attr_") and not k.endswith("_classes")]
-    results[f] = {a: judge(x, z[f"attr_{a}"], judges, args.seed) for a in names}
+    codes = np.load(args.labels) if args.labels else z
+    names = [k[5:] for k in codes.files if k.startswith("attr_") and not k.endswith("_classes")]
+    tables = {f"{f}:{k}": z[k] for k in z.files} if args.labels else {f: z["embeddings"]}
+    for name, x in tables.items():
+      results[name] = {a: judge(x.astype(np.float64), codes[f"attr_{a}"], judges, args.seed)
+                       for a in names}
+    if args.labels and len(tables) > 1:
+      results[f"{f}:mean"] = {a: {j: _mean([results[t][a][j]["signed"] for t in tables])
+                                  for j in judges} for a in names}
   print(json.dumps(results))
   if not args.json:
     print()

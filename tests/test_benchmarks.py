@@ -1,0 +1,33 @@
+"""Pure helpers of the benchmark scripts (the scripts themselves run on real data)."""
+
+import numpy as np
+
+from benchmarks.brick_interference import match_covariances
+
+
+def _classes(seed=0):
+  rng = np.random.default_rng(seed)
+  codes = np.repeat([0, 1, -1], [300, 200, 20])
+  scale = np.where(codes[:, None] == 1, 2.0, 1.0) * np.array([1.0, 0.5, 3.0])
+  return rng.normal(size=(codes.size, 3)) * scale + codes[:, None], codes
+
+
+def _cov(x, codes, c):
+  return np.cov(x[codes == c].T)
+
+
+def test_match_covariances_equalises_class_covariances_and_keeps_means():
+  x, codes = _classes()
+  out = match_covariances(x, codes, 1.0, prior=0.0)
+  np.testing.assert_allclose(_cov(out, codes, 0), _cov(out, codes, 1), atol=1e-8)
+  for c in (0, 1):
+    np.testing.assert_allclose(out[codes == c].mean(0), x[codes == c].mean(0), atol=1e-10)
+  np.testing.assert_array_equal(out[codes < 0], x[codes < 0])
+  np.testing.assert_allclose(match_covariances(x, codes, 0.0), x)
+
+
+def test_a_null_draw_leaves_the_sampling_noise_of_independent_classes():
+  x, codes = _classes()
+  out = match_covariances(x, codes, 1.0, prior=0.0, null_draw=np.random.default_rng(1))
+  gap = np.abs(_cov(out, codes, 0) - _cov(out, codes, 1)).max()
+  assert 1e-3 < gap < np.abs(_cov(x, codes, 0) - _cov(x, codes, 1)).max()
