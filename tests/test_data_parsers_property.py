@@ -152,3 +152,26 @@ def test_reading_in_blocks_equals_reading_whole(text, crlf, bom, block):
       assert isinstance(blocks, str) and blocks.startswith(f"{path}:")
     else:
       assert blocks == whole
+
+
+def _read_lightgcn(folder, block_bytes):
+  from lego_jax.data import readers
+  try:
+    inter = readers.read_lightgcn(folder, block_bytes=block_bytes)
+  except LegoError as e:
+    return str(e)
+  return inter.users.tolist(), inter.items.tolist(), inter.user_ids, inter.item_ids, \
+      inter.fold.tolist()
+
+
+@SETTINGS
+@given(train=SPECS["lightgcn"]["train.txt"], test=SPECS["lightgcn"]["test.txt"],
+       block=st.integers(1, 64))
+def test_lightgcn_files_in_blocks_equal_reading_whole(train, test, block):
+  """The one-line-per-user files are streamed too: any block size gives the
+  same codes, ids and folds as the whole files, or the same error."""
+  with tempfile.TemporaryDirectory() as d:
+    folder = pathlib.Path(d)
+    (folder / "train.txt").write_bytes(train)
+    (folder / "test.txt").write_bytes(test)
+    assert _read_lightgcn(folder, block) == _read_lightgcn(folder, -1)

@@ -202,15 +202,6 @@ class Factorizer:
     return np.array([uniq[n] for n in names], np.int64), list(uniq)
 
 
-def factorize(column: Sequence[bytes], lines: np.ndarray, path, what: str,
-              encoding: str = "utf-8") -> tuple[np.ndarray, list[str]]:
-  """Raw tokens -> (codes, unique ids as str); an empty id names its line."""
-  f = Factorizer(path, what, encoding)
-  codes = f(column, lines)
-  remap, names = f.finish()
-  return (codes if remap is None else remap[codes]), names
-
-
 def read_header(data: bytes, path) -> list[str]:
   """RecBole header `name:type\\t...` -> field names (types dropped)."""
   first = data.split(b"\n", 1)[0]
@@ -285,31 +276,40 @@ def read_atomic_inter(path) -> Interactions:
                            item=pick("item_id"), rating=pick("rating"), ts=pick("timestamp"))
 
 
-def read_lightgcn(folder: pathlib.Path) -> Interactions:
-  """train.txt / valid.txt / test.txt, one `user item item ...` line per user."""
+def read_lightgcn(folder: pathlib.Path, block_bytes: Optional[int] = None) -> Interactions:
+  """train.txt / valid.txt / test.txt, one `user item item ...` line per user,
+  block by block (`iter_blocks`), as `read_interactions` reads its files."""
   _need(folder / "train.txt", "lightgcn", "train.txt [valid.txt] test.txt")
-  user_tok, item_tok, fold = [], [], []
+  fu, fi = Factorizer(folder, "user id"), Factorizer(folder, "item id")
+  users, items, fold = [], [], []
   for f, name in enumerate(("train.txt", "valid.txt", "test.txt")):
     path = folder / name
     if not path.is_file():
       continue
-    data = read_bytes(path)
-    _check_text(data, path, "expected `user item item ...` lines of text")
-    for line in data.split(b"\n"):
-      tokens = line.split()
-      if len(tokens) > 1:
-        user_tok.extend(itertools.repeat(tokens[0], len(tokens) - 1))
-        item_tok.extend(tokens[1:])
-        fold.extend(itertools.repeat(f, len(tokens) - 1))
-  lines = np.arange(1, len(user_tok) + 1)  # ids are non-empty here: factorize cannot fail
-  users, user_ids = factorize(user_tok, lines, folder, "user id")
-  items, item_ids = factorize(item_tok, lines, folder, "item id")
-  return Interactions(users, items, user_ids, item_ids, fold=np.array(fold, np.int8),
-                      source=str(folder / "train.txt"))
+    for block, first in iter_blocks(path, block_bytes):
+      _check_text(block, path, "expected `user item item ...` lines of text", first)
+      user_tok, item_tok, line_of = [], [], []
+      for k, line in enumerate(block.split(b"\n")):
+        tokens = line.split()
+        if len(tokens) > 1:
+          user_tok.extend(itertools.repeat(tokens[0], len(tokens) - 1))
+          item_tok.extend(tokens[1:])
+          line_of.extend(itertools.repeat(first + k, len(tokens) - 1))
+      line_of = np.asarray(line_of, np.int64)
+      users.append(fu(user_tok, line_of))
+      items.append(fi(item_tok, line_of))
+      fold.append(np.full(len(user_tok), f, np.int8))
+  (remap_u, user_ids), (remap_i, item_ids) = fu.finish(), fi.finish()
+  cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)
+  users, items = cat(users, np.int64), cat(items, np.int64)
+  return Interactions(users if remap_u is None else remap_u[users],
+                      items if remap_i is None else remap_i[items], user_ids, item_ids,
+                      fold=cat(fold, np.int8), source=str(folder / "train.txt"))
 
 
-def _check_text(data: bytes, path, expected: str) -> None:
-  """Refuses control bytes and invalid UTF-8, naming the first bad line."""
+def _check_text(data: bytes, path, expected: str, first: int = 1) -> None:
+  """Refuses control bytes and invalid UTF-8, naming the first bad line
+  (`data` starts on line `first` of the file)."""
   bad = CONTROL_BYTES.search(data)
   start = bad.start() if bad else None
   try:
@@ -317,7 +317,7 @@ def _check_text(data: bytes, path, expected: str) -> None:
   except UnicodeDecodeError as e:
     start = e.start if start is None else min(start, e.start)
   if start is not None:
-    line = data.count(b"\n", 0, start) + 1
+    line = first + data.count(b"\n", 0, start)
     text = data[data.rfind(b"\n", 0, start) + 1:].split(b"\n", 1)[0]
     raise LegoError(f"{path}:{line}: {expected}, got binary data: "
                     f"{repr(text[:EXCERPT])[1:]}{'...' if len(text) > EXCERPT else ''}")
