@@ -11,6 +11,7 @@ resumed by the next call that asks for the same attributes and settings.
 import datetime
 import functools
 import sys
+import time
 import zlib
 from typing import NamedTuple, Optional
 
@@ -131,6 +132,7 @@ class Unlearner:
     """Active set and bricks, with the leakage the control loop last measured."""
     out = {"active": self.active(),
            "bricks": {a: {"created": m.get("created"), "steps": m.get("steps"),
+                          "seconds": m.get("seconds"),
                           "gain": m.get("gain", [1.0, 1.0]), "strength": m.get("strength"),
                           "leakage": m.get("leakage")}
                       for a, m in self.brick_meta().items()}}
@@ -139,7 +141,7 @@ class Unlearner:
       meta = checkpoint.metadata(d)
       out["combination"] = {k: meta.get(k) for k in ("gains", "residual_means", "leakage",
                                                        "retention_valid", "within_target",
-                                                       "warnings")}
+                                                       "warnings", "seconds")}
     return out
 
   # ---- calibration -------------------------------------------------------
@@ -401,6 +403,7 @@ class Unlearner:
     todo = [n for n in names if force or n not in done]
     if not todo:
       return []
+    start = time.perf_counter()
     spec = self.spec()
     hps = calibration.HParams.from_config(self.cfg, todo)
     keys = jnp.stack([attribute_key(self.config["seed"], n) for n in todo])
@@ -408,8 +411,12 @@ class Unlearner:
                 "chunk": spec.chunk, **self._identity()}
     out = self.calibrate_tasks(todo, hps, keys, resume=settings)
     leakage = None if out.reading is None else out.reading.report(todo)
+    # One vmapped program calibrates every brick of `todo`: they share its seconds
+    # (this process's: a resumed run counts from its restart).
+    seconds = round(time.perf_counter() - start, 1)
     for k, name in enumerate(todo):
       meta = {"attribute": name, "created": _now(), "steps": int(out.state.step[k]),
+              "seconds": seconds,
               "settings": self.brick_settings(name), "gain": [float(x) for x in out.gains[k]],
               "strength": {f: out.strength[f][k] for f in ("w_mi", "l2")},
               "leakage": None if leakage is None else leakage[name],
@@ -504,6 +511,7 @@ class Unlearner:
   @_writes
   def combine(self, active) -> np.ndarray:
     """Combines the bricks of `active` (all stored bricks stacked, the rest masked)."""
+    start = time.perf_counter()
     active = list(dict.fromkeys(active))
     stored = self.brick_meta()
     missing = [a for a in active if a not in stored]
@@ -529,7 +537,8 @@ class Unlearner:
       weights, names = sharding.to_host(w), order
     checkpoint.save(self.wd.path / "combination", {"table": table, "weights": weights},
                     {"active": active, "bricks": names, "mode": self.config["combine"]["mode"],
-                     "created": _now(), **report, **self._identity()})
+                     "created": _now(), "seconds": round(time.perf_counter() - start, 1),
+                     **report, **self._identity()})
     return table
 
   def combination_spec(self) -> combination.Spec:

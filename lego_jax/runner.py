@@ -177,12 +177,15 @@ def _leak(report) -> str:
 def _status(u: Unlearner, as_json: bool):
   def text(s):
     strength = lambda st: f"{st['w_mi']:.3g}/{st['l2']:.3g}" if st else "-"
+    secs = lambda x: "-" if x is None else f"{x:.0f}"   # absent in workdirs made before it
     rows = [(a, "yes" if a in s["active"] else "no", m["steps"], strength(m.get("strength")),
-             "/".join(f"{g:.2f}" for g in m["gain"]), _leak(m["leakage"]), m["created"])
+             "/".join(f"{g:.2f}" for g in m["gain"]), _leak(m["leakage"]), secs(m.get("seconds")),
+             m["created"])
             for a, m in s["bricks"].items()]
     out = (f"active: {', '.join(s['active']) or 'none'}\n"
            + format_table(("brick", "active", "steps", "MI weight/pull", "gains (mean/rest)",
-                           "brick alone: probe leakage BAcc-chance [95%]", "created"), rows))
+                           "brick alone: probe leakage BAcc-chance [95%]", "seconds", "created"),
+                          rows))
     comb = s.get("combination") or {}
     if comb.get("leakage"):
       shares = comb.get("residual_means") or {}
@@ -191,7 +194,8 @@ def _status(u: Unlearner, as_json: bool):
               for a, r in comb["leakage"].items()]
       out += ("\n\ncombined table (validation NDCG@10 retention "
               f"{comb['retention_valid']:.3f}; every attribute within the target: "
-              f"{'yes' if comb['within_target'] else 'no'})\n"
+              f"{'yes' if comb['within_target'] else 'no'}; "
+              f"combined in {secs(comb.get('seconds'))} s)\n"
               + format_table(("attribute", "gains", "class means taken back",
                               "probe leakage BAcc-chance [95%]"), rows))
       out += "".join(f"\nwarning: {w}" for w in comb.get("warnings") or [])

@@ -51,8 +51,10 @@ def test_workdir_commands(capsys, fresh_workdir, tmp_path):
   status = json.loads(out)
   assert status["active"] == ["gender", "age"]
   assert set(status["bricks"]) == {"gender", "age"}
-  assert all(set(b) == {"created", "steps", "gain", "strength", "leakage"}
+  assert all(set(b) == {"created", "steps", "seconds", "gain", "strength", "leakage"}
              for b in status["bricks"].values())
+  # gender and age were calibrated by one program: they share its seconds
+  assert status["bricks"]["gender"]["seconds"] == status["bricks"]["age"]["seconds"] > 0
   # the MI weight and pull each brick ended with, after the loop's dual steps
   assert all(set(b["strength"]) == {"w_mi", "l2"} and b["strength"]["w_mi"] > 0
              for b in status["bricks"].values())
@@ -66,6 +68,7 @@ def test_workdir_commands(capsys, fresh_workdir, tmp_path):
   code, out, _ = run_cli(capsys, "request", "status", "--workdir", wd)
   assert code == 0 and "every attribute within the target" in out
   assert "class means taken back" in out
+  assert f"combined in {status['combination']['seconds']:.0f} s" in out
   assert run_cli(capsys, "request", "add", "occupation", "--workdir", wd)[0] == 0
   assert run_cli(capsys, "request", "withdraw", "age", "--workdir", wd)[0] == 0
   code, out, _ = run_cli(capsys, "request", "status", "--workdir", wd, "--json")
