@@ -194,8 +194,9 @@ def _status(u: Unlearner, as_json: bool):
               for a, r in comb["leakage"].items()]
       out += ("\n\ncombined table (validation NDCG@10 retention "
               f"{comb['retention_valid']:.3f}; every attribute within the target: "
-              f"{'yes' if comb['within_target'] else 'no'}; "
-              f"combined in {secs(comb.get('seconds'))} s)\n"
+              f"{'yes' if comb['within_target'] else 'no'}"
+              + ("" if comb.get("seconds") is None else f"; combined in {comb['seconds']:.0f} s")
+              + ")\n"
               + format_table(("attribute", "gains", "class means taken back",
                               "probe leakage BAcc-chance [95%]"), rows))
       out += "".join(f"\nwarning: {w}" for w in comb.get("warnings") or [])
