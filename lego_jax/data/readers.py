@@ -202,6 +202,17 @@ class Factorizer:
     return np.array([uniq[n] for n in names], np.int64), list(uniq)
 
 
+def _cat(blocks: list, dtype) -> np.ndarray:
+  return np.concatenate(blocks) if blocks else np.zeros(0, dtype)
+
+
+def _coded(ids: Factorizer, blocks: list) -> tuple[np.ndarray, list[str]]:
+  """(every block's codes from `ids`, merged ids remapped; the unique ids)."""
+  remap, names = ids.finish()
+  codes = _cat(blocks, np.int64)
+  return (codes if remap is None else remap[codes]), names
+
+
 def read_header(data: bytes, path) -> list[str]:
   """RecBole header `name:type\\t...` -> field names (types dropped)."""
   first = data.split(b"\n", 1)[0]
@@ -246,13 +257,10 @@ def read_interactions(path, sep: bytes, ncols: int, *, skip: int = 0, user=0, it
     if ts is not None:
       parts["stamps"].append(to_float(columns[ts], lines, path, "timestamp"))
     del columns
-  (remap_u, user_ids), (remap_i, item_ids) = fu.finish(), fi.finish()
-  cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)
-  users, items = cat(parts["users"], np.int64), cat(parts["items"], np.int64)
-  return Interactions(users if remap_u is None else remap_u[users],
-                      items if remap_i is None else remap_i[items], user_ids, item_ids,
-                      cat(parts["ratings"], np.float64) if rating is not None else None,
-                      cat(parts["stamps"], np.float64) if ts is not None else None,
+  (users, user_ids), (items, item_ids) = _coded(fu, parts["users"]), _coded(fi, parts["items"])
+  return Interactions(users, items, user_ids, item_ids,
+                      _cat(parts["ratings"], np.float64) if rating is not None else None,
+                      _cat(parts["stamps"], np.float64) if ts is not None else None,
                       source=str(path))
 
 
@@ -299,12 +307,9 @@ def read_lightgcn(folder: pathlib.Path, block_bytes: Optional[int] = None) -> In
       users.append(fu(user_tok, line_of))
       items.append(fi(item_tok, line_of))
       fold.append(np.full(len(user_tok), f, np.int8))
-  (remap_u, user_ids), (remap_i, item_ids) = fu.finish(), fi.finish()
-  cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)
-  users, items = cat(users, np.int64), cat(items, np.int64)
-  return Interactions(users if remap_u is None else remap_u[users],
-                      items if remap_i is None else remap_i[items], user_ids, item_ids,
-                      fold=cat(fold, np.int8), source=str(folder / "train.txt"))
+  (users, user_ids), (items, item_ids) = _coded(fu, users), _coded(fi, items)
+  return Interactions(users, items, user_ids, item_ids, fold=_cat(fold, np.int8),
+                      source=str(folder / "train.txt"))
 
 
 def _check_text(data: bytes, path, expected: str, first: int = 1) -> None:
