@@ -224,7 +224,8 @@ DESCRIPTIONS: dict[str, str] = {
                     "per attribute settable; the closed loop raises it for an attribute whose "
                     "removal stalls)",
     "unlearn.lam_rank": "weight of the top-T ranking hinge, in units of the score spread "
-                        "(per attribute settable)",
+                        "(per attribute settable); 0 everywhere leaves the hinge and the "
+                        "backbone's scores out of the compiled step",
     "unlearn.l2": "weight of the pull toward the original row, in units of the table's "
                   "spread (per attribute settable): without it the minibatch noise of the MI "
                   "estimate drifts every row, and the bricks' drifts add up "
@@ -315,7 +316,7 @@ DESCRIPTIONS: dict[str, str] = {
     "combine.steps": "Adam steps",
     "combine.lr": "Adam learning rate",
     "combine.w_mi": "weight of the active attributes' excess MI",
-    "combine.lam_rank": "weight of the ranking hinge",
+    "combine.lam_rank": "weight of the ranking hinge (0 leaves it out of the compiled step)",
     "combine.init": "starting weights: `uniform` (1/number of active bricks) or `ones`",
     "combine.stop": "the stopping rule of the combination's MI estimate (as `unlearn.stop`): "
                     "`steps` keeps pushing below the minibatch's permuted-label level, which "

@@ -130,12 +130,21 @@ def sweep(wd: Workdir, grid: dict[str, list], seeds: int = 3, names: Optional[li
   return result
 
 
+def compiled_config(static_cfg: dict, points: list[dict], vmapped: list[str]) -> dict:
+  """The config whose Specs compile the one program that serves every point:
+  it computes the ranking hinge where any point weighs it (a weight of 0 alone
+  would leave it out of the program)."""
+  hinge = {f: max(p[f] for p in points) for f in ("unlearn.lam_rank", "combine.lam_rank")
+           if f in vmapped}
+  return _apply(static_cfg, hinge, static_cfg["seed"])
+
+
 def _run_points(wd, static_cfg, points, vmapped, seed_list, names, original, seconds, progress):
   """Every (point, seed) of one looped setting: one vmapped calibration of all
   their bricks, one vmapped combination fit, then control and evaluation per point."""
-  u = Unlearner(wd, progress=progress, config=static_cfg)
   grid_cfgs = [(p, s, _apply(static_cfg, {f: p[f] for f in vmapped}, s))
                for p in points for s in seed_list]
+  u = Unlearner(wd, progress=progress, config=compiled_config(static_cfg, points, vmapped))
   k = len(names)
   tasks = [n for _ in grid_cfgs for n in names]
   hps = calibration.HParams(*(jnp.concatenate(x) for x in zip(

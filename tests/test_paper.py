@@ -1,6 +1,7 @@
 """The paper's formulation (docs/method.md, "The paper variant"): the vCLUB
 bound, the ball around E0, vCLUB combination and the paper presets."""
 
+import dataclasses
 import pathlib
 import tomllib
 
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 from lego_jax import config as config_lib
+from lego_jax import sweep
 from lego_jax.errors import LegoError
 from lego_jax.requests import IN_PROGRESS, Unlearner, attribute_key
 from lego_jax.unlearning import calibration, combination, losses
@@ -300,3 +302,45 @@ def test_interrupted_vclub_calibration_resumes_from_its_checkpoint(fresh_workdir
   Unlearner(Workdir.open(other, over), progress=False).calibrate(["gender"])
   np.testing.assert_allclose(Unlearner(Workdir.open(other), progress=False).table("brick:gender"),
                              want.table("brick:gender"), atol=1e-6)
+
+
+# ---- no ranking hinge -----------------------------------------------------------
+def test_a_zero_ranking_weight_leaves_the_hinge_out_of_the_program():
+  def spec(*overrides):
+    cfg = config_lib.resolve(None, list(overrides))
+    return (calibration.Spec.from_config(cfg["unlearn"], 3).rank,
+            combination.Spec.from_config(cfg["combine"], cfg["unlearn"], 3).rank)
+
+  assert spec() == (True, True)
+  assert spec("unlearn.lam_rank=0", "combine.lam_rank=0") == (False, False)
+  assert spec("unlearn.lam_rank=0", "unlearn.per_attribute.age.lam_rank=2") == (True, True)
+  # A sweep compiles one program for all its points: one weighing the hinge keeps it in.
+  base = config_lib.resolve(None, ["unlearn.lam_rank=0", "combine.lam_rank=0"])
+  points = [{"unlearn.lam_rank": 0.0}, {"unlearn.lam_rank": 5.0}]
+  cfg = sweep.compiled_config(base, points, ["unlearn.lam_rank"])
+  assert calibration.Spec.from_config(cfg["unlearn"], 3).rank
+  assert not combination.Spec.from_config(cfg["combine"], cfg["unlearn"], 3).rank
+
+
+def test_without_the_hinge_the_backbone_is_never_scored_and_nothing_else_changes():
+  target, labels, score = problem(n=60)
+  hp = jax.tree.map(lambda x: x[0], hparams(1, l2=0.1))
+
+  def unused(*_):
+    raise AssertionError("the backbone was scored")
+
+  key = attribute_key(0, "a")
+  y = jnp.asarray(labels[0])
+  spec = calibration.Spec(num_classes=3, steps=4, batch_users=32)
+  with_hinge = calibration.calibrate_one(target, y, hp, key, spec=spec, score_fn=score)[0]
+  without = calibration.calibrate_one(target, y, hp, key,
+                                      spec=dataclasses.replace(spec, rank=False),
+                                      score_fn=unused)[0]
+  chex.assert_trees_all_close(without, with_hinge, atol=1e-6)
+  bricks = jnp.stack([with_hinge, -with_hinge])
+  chp = combination.HParams(w_mi=1.0, lam_rank=0.0, lr=0.1)
+  cspec = combination.Spec(num_classes=3, steps=3, batch_users=32)
+  fit = lambda s, fn: combination.fit(target, bricks, jnp.asarray(labels), jnp.ones(2),
+                                      jax.random.PRNGKey(0), chp, spec=s, score_fn=fn)[0]
+  chex.assert_trees_all_close(fit(dataclasses.replace(cspec, rank=False), unused),
+                              fit(cspec, score), atol=1e-6)

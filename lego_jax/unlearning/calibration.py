@@ -59,6 +59,7 @@ class Spec:
   ball: str = "row"           # the ball per user row | over the whole table
   vclub_hidden: int = 64      # hidden units of the vCLUB classifier q(a|e)
   vclub_lr: float = 1e-2      # its Adam learning rate (it reads rows in spread units)
+  rank: bool = True           # the ranking hinge is computed (False: every lam_rank is 0)
 
   def __post_init__(self):
     if self.loss not in LOSSES:
@@ -92,10 +93,15 @@ class Spec:
   @classmethod
   def from_config(cls, cfg: dict, num_classes: int, chunk: int = 0, parts=()) -> "Spec":
     """From config["unlearn"], whose fields have the same names; `parts` from the backbone."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "chunk", "parts"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "chunk", "parts", "rank"}
     kw = {f: cfg[f] for f in fields}
     kw["bandwidths"] = tuple(kw["bandwidths"])
-    return cls(num_classes=num_classes, chunk=chunk, parts=tuple(parts), **kw)
+    # A weight of 0 everywhere skips the frozen backbone's scores of the top-T
+    # lists: most of a step's cost on LightGCN, for a term that counts nothing.
+    per = cfg.get("per_attribute", {}).values()
+    weights = [cfg["lam_rank"], *(p.get("lam_rank", 0.0) for p in per)]
+    return cls(num_classes=num_classes, chunk=chunk, parts=tuple(parts),
+               rank=any(float(w) > 0 for w in weights), **kw)
 
   def mi(self, key, table, users, labels, units=None):
     """MI estimate, null level and penalised excess (see `losses`) per attribute.
@@ -325,7 +331,8 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       mi, null, excess = spec.mi(k_mi, table, users, ys, u)
       mi, null = mi.sum(-1), null.sum(-1)
       mi_term = jnp.sum(excess)
-    rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
+    rank = (losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
+            if spec.rank else jnp.zeros((), e.dtype))
     pull = losses.l2_pull(e, e0[users])
     total = hp.w_mi * mi_term + hp.lam_rank * rank + hp.l2 / s ** 2 * pull
     return total, (e, Trace(mi, null, rank))

@@ -36,6 +36,7 @@ class Spec:
   margin: float = 0.05
   guard: int = 0
   init: str = "uniform"
+  rank: bool = True           # the ranking hinge is computed (False: lam_rank is 0)
   # The calibration's Spec, whose MI estimator (loss, kernels, stopping rule)
   # the combination uses too; None = the defaults.
   mi: Optional[calibration.Spec] = None
@@ -63,7 +64,7 @@ class Spec:
     return cls(num_classes=num_classes, mode=cfg["mode"], steps=cfg["steps"],
                batch_users=unlearn_cfg["batch_users"], margin=unlearn_cfg["margin"],
                guard=unlearn_cfg["guard"],
-               init=cfg["init"], mi=mi)
+               init=cfg["init"], rank=float(cfg["lam_rank"]) > 0, mi=mi)
 
 
 class HParams(NamedTuple):
@@ -135,7 +136,8 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
       null, gap = jnp.zeros_like(mi), mi
     else:
       mi, null, gap = spec.mi.mi(k_mi, table, users, labels, u)
-    rank = losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
+    rank = (losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
+            if spec.rank else jnp.zeros((), table.dtype))
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
     return total, {"mi": mi, "null": null, "rank": rank}
 
