@@ -18,7 +18,14 @@ cv5, signed leakage BAcc - chance) and test NDCG@10 retention are measured on:
     of the way to the pooled within-class covariance, for each of
     `--covariances` (class by class, x -> mu_c + A_c (x - mu_c) with A_c =
     S^1/2 S_c^-1/2, S_c shrunk towards S by 64 pseudo-users; attributes in
-    turn): what is left that a second-moment attacker reads.
+    turn): what is left that a second-moment attacker reads;
+  - the combined table plus a joint polish, for each loss of `--polish`: one
+    free table calibrated from the combined table for every attribute at once
+    (or those of `--polish-attributes`; `Unlearner.polish_move`:
+    `--polish-steps` steps, the workdir's unlearn settings, `--polish-set`
+    overrides; `features` = the MMD on random Fourier features of every
+    user, whose null level is far below a minibatch's), added at each of
+    `--polish-gains`; the steering probes' reading is shown beside it.
 `--only-combined` skips the per-brick, plain-sum and projected tables;
 `--judges` adds benchmarks/judge.py's attackers (needs scikit-learn).
 Each brick alone at chance while the sum reads the attributes again means
@@ -30,11 +37,13 @@ import argparse
 import json
 import pathlib
 import sys
+import time
 from typing import Optional
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from lego_jax import config as config_lib  # noqa: E402
 from lego_jax.errors import LegoError  # noqa: E402
 from lego_jax.requests import Unlearner  # noqa: E402
 from lego_jax.unlearning import control  # noqa: E402
@@ -79,6 +88,17 @@ def match_covariances(x: np.ndarray, codes: np.ndarray, share: float, prior: flo
   return out
 
 
+def polish(u: Unlearner, table: np.ndarray, names, loss: str, steps: int, overrides=()):
+  """`Unlearner.polish_move` with loss `features` (its own), `mmd` (the
+  minibatch's kernels) or `vclub`, and `unlearn` overrides (FIELD=VALUE)."""
+  settings = {"steps": steps}
+  if loss != "features":
+    settings.update(loss=loss, estimator="kernel", batch_users=u.batch_users())
+  for text in overrides:
+    settings.update(config_lib.parse_override(f"unlearn.{text}")["unlearn"])
+  return np.asarray(u.polish_move(table, names, **settings), np.float64)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True)
@@ -88,8 +108,17 @@ def main():
                   help="shares of the way to the pooled class covariance, comma-separated")
   ap.add_argument("--null-draw", action="store_true",
                   help="--covariances: draw each class's covariance as independence would")
+  ap.add_argument("--polish", default="",
+                  help="losses of a joint polish of the combined table (mmd, features, vclub)")
+  ap.add_argument("--polish-steps", type=int, default=100)
+  ap.add_argument("--polish-gains", default="0.5,1")
+  ap.add_argument("--polish-attributes", default="",
+                  help="the attributes the polish removes, comma-separated (default: all)")
+  ap.add_argument("--polish-set", action="append", default=[],
+                  help="unlearn.FIELD=VALUE override of the polish, without `unlearn.`")
   ap.add_argument("--only-combined", action="store_true")
   ap.add_argument("--judges", default="", help="judges of benchmarks/judge.py, comma-separated")
+  ap.add_argument("--save", help="an .npz keeping every table read, keyed by its row's name")
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args()
   wd = Workdir.open(args.workdir)
@@ -119,14 +148,31 @@ def main():
       table = match_covariances(table, labels[k], share, null_draw=draw)
     to = "a null draw" if args.null_draw else "the pooled"
     tables[f"combination, class covariances {share:g} of the way to {to}"] = table
+  probed = set()
+  for loss in (x for x in args.polish.split(",") if x):
+    start = time.perf_counter()
+    which = [a for a in args.polish_attributes.split(",") if a] or names
+    move = polish(u, combined, which, loss, args.polish_steps, args.polish_set)
+    print(json.dumps({"polish": loss, "seconds": round(time.perf_counter() - start, 1)}),
+          flush=True)
+    for g in (float(x) for x in args.polish_gains.split(",") if x):
+      what = f"combination + {g:g} x {loss} polish ({args.polish_steps} steps)"
+      tables[what] = combined + g * move
+      probed.add(what)
   judges = [j for j in args.judges.split(",") if j]
   if judges:
     import judge  # benchmarks/judge.py, beside this script
+  if args.save:
+    np.savez(args.save, **{what: t.astype(np.float32) for what, t in tables.items()})
   orig = wd.evaluate()["ndcg@10"]
   rows = []
   for what, table in tables.items():
     table = table.astype(np.float32)
     row = {"table": what, "retention": round(wd.evaluate(table)["ndcg@10"] / orig, 4)}
+    if what in probed or (probed and what == "stored combination"):
+      signed = u._read(table, names).signed     # (probes, attributes): the worst of each
+      row["probes"] = {n: round(float(signed[np.argmax(np.abs(signed[:, k])), k]), 3)
+                       for k, n in enumerate(names)}
     for attacker in ("mlp", "linear"):
       res = wd.attack(table, attacker=attacker, names=names)
       row[attacker] = {n: round(r["bacc"] - r["chance"], 3) for n, r in res.items()}
@@ -139,10 +185,13 @@ def main():
   if not args.json:
     who = ["mlp", "linear"] + judges
     heads = [f"{n} ({' / '.join(who)})" for n in names]
-    print(f"\n| table | retention | {' | '.join(heads)} |")
-    print("|---|---|" + "---|" * len(names))
+    steer = any("probes" in r for r in rows)
+    print(f"\n| table | retention | {' | '.join(heads)} |" + (" probes' worst |" if steer else ""))
+    print("|---|---|" + "---|" * (len(names) + steer))
     for r in rows:
       cells = [" / ".join(f"{r[w][n]:+.3f}" for w in who) for n in names]
+      if steer:
+        cells.append(" / ".join(f"{r['probes'][n]:+.3f}" for n in names) if "probes" in r else "")
       print(f"| {r['table']} | {r['retention']:.3f} | {' | '.join(cells)} |")
 
 

@@ -114,6 +114,7 @@ DEFAULTS: dict[str, Any] = {
         "control_rounds": 4,
         "max_gain": 4.0,
         "residual_means": True,
+        "polish_steps": 0,
         "per_attribute": {},
     },
     "combine": {
@@ -305,6 +306,12 @@ DESCRIPTIONS: dict[str, str] = {
                               "twice the target, else the closest) of each attribute's class "
                               "means left in the combined table, fitted jointly: correlated "
                               "bricks cross when added (docs/findings.md)",
+    "unlearn.polish_steps": "steps of the polish (0 = off): where an attribute still reads "
+                            "above the target after the class-mean step, one free table "
+                            "calibrated from the combined table for those attributes, with "
+                            "the MMD on random features of every user, added at the gain "
+                            "(0.25, 0.5 or 1) the probes read closest to chance "
+                            "(docs/findings.md)",
     "unlearn.per_attribute": "per-attribute `w_mi`, `lam_rank`, `l2`, `lr`, keyed by "
                              "attribute name (`--set unlearn.per_attribute.age.l2=1`)",
 
@@ -778,6 +785,7 @@ CONSTRAINTS = {
     "unlearn.probe_folds": _range(2, integer=True),
     "unlearn.probe_repeats": NON_NEGATIVE_INT,
     "unlearn.control_rounds": POSITIVE_INT,
+    "unlearn.polish_steps": NON_NEGATIVE_INT,
     "unlearn.max_gain": _range(1),
     "unlearn.topk": POSITIVE_INT,
     "unlearn.guard": NON_NEGATIVE_INT,

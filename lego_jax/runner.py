@@ -196,6 +196,9 @@ def _status(u: Unlearner, as_json: bool):
               f"{comb['retention_valid']:.3f}; every attribute within the target: "
               f"{'yes' if comb['within_target'] else 'no'}"
               + ("" if comb.get("seconds") is None else f"; combined in {comb['seconds']:.0f} s")
+              + ("" if not comb.get("polish") else
+                 f"; polish of {', '.join(comb['polish']['attributes'])} at "
+                 f"{comb['polish']['gain']:.2f}")
               + ")\n"
               + format_table(("attribute", "gains", "class means taken back",
                               "probe leakage BAcc-chance [95%]"), rows))

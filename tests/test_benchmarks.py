@@ -1,8 +1,11 @@
-"""Pure helpers of the benchmark scripts (the scripts themselves run on real data)."""
+"""Helpers of the benchmark scripts (the scripts themselves run on real data)."""
 
 import numpy as np
+import pytest
 
-from benchmarks.brick_interference import match_covariances
+from benchmarks.brick_interference import match_covariances, polish
+from lego_jax.requests import Unlearner
+from lego_jax.workdir import Workdir
 
 
 def _classes(seed=0):
@@ -31,3 +34,16 @@ def test_a_null_draw_leaves_the_sampling_noise_of_independent_classes():
   out = match_covariances(x, codes, 1.0, prior=0.0, null_draw=np.random.default_rng(1))
   gap = np.abs(_cov(out, codes, 0) - _cov(out, codes, 1)).max()
   assert 1e-3 < gap < np.abs(_cov(x, codes, 0) - _cov(x, codes, 1)).max()
+
+
+@pytest.mark.slow
+def test_polish_moves_only_under_its_losses_and_repeats_exactly(fresh_workdir):
+  u = Unlearner(Workdir.open(fresh_workdir), progress=False)
+  table = np.asarray(u.target().e0)
+  move = polish(u, table, ["gender", "age"], "features", 6)
+  assert move.shape == table.shape and np.isfinite(move).all()
+  assert np.abs(move).max() > 0
+  np.testing.assert_array_equal(polish(u, table, ["gender", "age"], "features", 6), move)
+  # Without the MI term and the ranking hinge only the pull to `table` is left: nothing moves.
+  still = polish(u, table, ["gender"], "mmd", 6, ["w_mi=0", "lam_rank=0"])
+  np.testing.assert_allclose(still, 0.0, atol=1e-6)

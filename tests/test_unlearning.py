@@ -741,3 +741,56 @@ def test_residual_means_take_back_per_attribute_the_share_the_probes_read_best(f
   kept = u._take_back_means(names, plain, reading, None, lambda t: 0.9, 0.95, 1.0)
   np.testing.assert_array_equal(kept[0], plain)
   np.testing.assert_array_equal(kept[1], 0.0)
+
+
+def test_polish_adds_the_stored_gain_of_the_move_for_the_attributes_above_target(fresh_workdir):
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  base = {**wd.config["unlearn"], "residual_means": False, "target_leakage": 0.0}
+  plain = Unlearner(wd, progress=False, config={**wd.config, "unlearn": base}).unlearn(names)
+  u = Unlearner(wd, progress=False, config={**wd.config, "unlearn": {**base, "polish_steps": 4}})
+  table = u.unlearn(names)                               # bricks reused, recombined
+  polish = u.status()["combination"]["polish"]
+  assert polish["attributes"] == names                  # a target of 0: every attribute is above
+  assert polish["gain"] in (0.0,) + control.POLISH_GAINS
+  move = u.polish_move(plain, polish["attributes"])
+  assert np.abs(move).max() > 0
+  np.testing.assert_allclose(table, plain + polish["gain"] * move, atol=1e-5)
+  np.testing.assert_allclose(u.table("combined"), table, atol=1e-6)
+  from lego_jax import runner
+  _, _, text = runner._status(u, False)
+  assert (f"polish of gender, age at {polish['gain']:.2f}" in text(u.status()))
+
+
+def test_polish_takes_the_gain_the_probes_read_best_above_the_floor(fresh_workdir):
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age", "occupation"]
+  rng = np.random.default_rng(0)
+  plain = rng.normal(size=(wd.split.n_users, 8)).astype(np.float32)
+  move = rng.normal(size=plain.shape).astype(np.float32)
+  polished = []
+
+  def fake_move(table, which, seed=None):
+    polished.append(which)
+    return move
+
+  def fake_read(table, names, seeds=None):   # chance at half the move
+    gain = np.linalg.norm(table - plain) / np.linalg.norm(move)
+    signed = np.full((2, len(names)), abs(gain - 0.5) + 0.001)
+    return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
+  u = Unlearner(wd, progress=False)
+  u._read, u.polish_move = fake_read, fake_move
+  reading = control.Reading(np.asarray([[0.5, 0.0, 0.3]] * 2), np.zeros((2, 3)), np.ones((2, 3)),
+                            ("linear", "mlp"))
+  table, polish, after, ret = u._polish(names, plain, reading, None, None, lambda t: 0.99,
+                                        0.95, 1.0)
+  assert polished == [["gender", "occupation"]]        # age is within the target already
+  assert polish == {"attributes": ["gender", "occupation"], "gain": 0.5}
+  np.testing.assert_allclose(table, plain + 0.5 * move, atol=1e-6)
+  assert ret == 0.99 and after.worst().max() < 0.01
+  # Under the utility floor, the table is left as it was.
+  kept = u._polish(names, plain, reading, None, None, lambda t: 0.9, 0.95, 1.0)
+  np.testing.assert_array_equal(kept[0], plain)
+  assert kept[1]["gain"] == 0.0 and kept[3] == 1.0
