@@ -170,9 +170,8 @@ def main():
     table = table.astype(np.float32)
     row = {"table": what, "retention": round(wd.evaluate(table)["ndcg@10"] / orig, 4)}
     if what in probed or (probed and what == "stored combination"):
-      signed = u._read(table, names).signed     # (probes, attributes): the worst of each
-      row["probes"] = {n: round(float(signed[np.argmax(np.abs(signed[:, k])), k]), 3)
-                       for k, n in enumerate(names)}
+      row["probes"] = {n: round(float(s), 3)
+                       for n, s in zip(names, u._read(table, names).worst_signed())}
     for attacker in ("mlp", "linear"):
       res = wd.attack(table, attacker=attacker, names=names)
       row[attacker] = {n: round(r["bacc"] - r["chance"], 3) for n, r in res.items()}

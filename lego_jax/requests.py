@@ -345,8 +345,7 @@ class Unlearner:
         break
       r = read[share] = self._read(at(np.full(len(active), share)), active, seeds=seeds)
       self._say(f"control, class means taken back: x{share:.2f} " + "; ".join(
-          f"{n} {r.signed[int(np.argmax(np.abs(r.signed[:, a]))), a]:+.3f}"
-          for a, n in enumerate(active)))
+          f"{n} {s:+.3f}" for n, s in zip(active, r.worst_signed())))
       better = ~settled & (r.worst() < best)
       shares[better], best[better] = share, r.worst()[better]
       # The smallest share that comes within twice the target is kept: past it,
@@ -382,8 +381,7 @@ class Unlearner:
       cand = table + gain * move
       r = self._read(cand, active, seeds=seeds)
       self._say(f"control, polish of {', '.join(which)}: x{gain:.2f} " + "; ".join(
-          f"{n} {r.signed[int(np.argmax(np.abs(r.signed[:, a]))), a]:+.3f}"
-          for a, n in enumerate(active)))
+          f"{n} {s:+.3f}" for n, s in zip(active, r.worst_signed())))
       if control.score(r) < control.score(best[2]):
         cand_ret = retention_of(cand)
         if cand_ret >= floor:

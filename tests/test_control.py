@@ -134,3 +134,10 @@ def test_class_mean_parts_are_fitted_jointly_so_a_shared_shift_is_counted_once()
   for y in (a, b):
     means = [left[y == c].mean(0) for c in (0, 1)]
     np.testing.assert_allclose(means[0], means[1], atol=1e-4)   # no class mean left
+
+
+def test_worst_signed_keeps_the_sign_of_the_probe_furthest_from_chance():
+  signed = np.asarray([[0.02, -0.01, 0.0], [-0.05, 0.03, 0.0]])
+  reading = control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
+  np.testing.assert_array_equal(reading.worst_signed(), [-0.05, 0.03, 0.0])
+  np.testing.assert_array_equal(np.abs(reading.worst_signed()), reading.worst())

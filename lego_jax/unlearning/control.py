@@ -56,6 +56,10 @@ class Reading(NamedTuple):
     """(K,) the largest |signed leakage| over the probes."""
     return np.abs(self.signed).max(0)
 
+  def worst_signed(self) -> np.ndarray:
+    """(K,) the signed leakage of the probe furthest from chance, per attribute."""
+    return self.signed[np.argmax(np.abs(self.signed), 0), np.arange(self.signed.shape[1])]
+
   def report(self, names: Sequence[str]) -> dict:
     """{attribute: {probe: {"signed", "ci95"}}} with plain floats."""
     return {n: {p: {"signed": float(self.signed[i, k]),
