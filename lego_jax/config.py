@@ -114,7 +114,7 @@ DEFAULTS: dict[str, Any] = {
         "control_rounds": 4,
         "max_gain": 4.0,
         "residual_means": True,
-        "polish_steps": 0,
+        "polish_steps": 100,
         "per_attribute": {},
     },
     "combine": {
@@ -310,8 +310,9 @@ DESCRIPTIONS: dict[str, str] = {
                             "above the target after the class-mean step, one free table "
                             "calibrated from the combined table for those attributes, with "
                             "the MMD on random features of every user, added at the gain "
-                            "(0.25, 0.5 or 1) the probes read closest to chance "
-                            "(docs/findings.md)",
+                            "(0 to 1) where lines through the probes' readings put the worst "
+                            "attribute closest to chance, kept only where no attribute reads "
+                            "further from chance (docs/method.md)",
     "unlearn.per_attribute": "per-attribute `w_mi`, `lam_rank`, `l2`, `lr`, keyed by "
                              "attribute name (`--set unlearn.per_attribute.age.l2=1`)",
 

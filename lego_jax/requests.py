@@ -362,11 +362,10 @@ class Unlearner:
     return table, np.zeros(len(active)), reading, ret
 
   def _polish(self, active, table, reading, seeds, seed, retention_of, floor, ret):
-    """`unlearn.polish_steps`: the combined table plus a gain (`control.POLISH_GAINS`)
-    of `polish_move` for the attributes still above the target, the gain whose
-    probes read closest to chance on average, kept only where that is closer
-    than the table without it, at a retention of at least `floor`; returns
-    (table, {"attributes", "gain"}, reading, retention).
+    """`unlearn.polish_steps`: the combined table plus a gain of `polish_move`
+    for the attributes still above the target, at the gain `control.polish_gain`
+    ranks first among those keeping a retention (`retention_of(table)`) of at
+    least `floor`; returns (table, {"attributes", "gain"}, reading, retention).
 
     What is left after combining did not move under more minibatch steps
     (ML-1M NCF: MLP gender +0.042); on every user the estimate's
@@ -376,18 +375,20 @@ class Unlearner:
     tol = float(self.cfg["target_leakage"])
     which = [a for a, w in zip(active, reading.worst()) if w > tol]
     move = self.polish_move(table, which, seed)
-    best = (table, 0.0, reading, ret)
-    for gain in control.POLISH_GAINS:
-      cand = table + gain * move
-      r = self._read(cand, active, seeds=seeds)
+
+    def read(gain):
+      r = self._read(table + gain * move, active, seeds=seeds)
       self._say(f"control, polish of {', '.join(which)}: x{gain:.2f} " + "; ".join(
           f"{n} {s:+.3f}" for n, s in zip(active, r.worst_signed())))
-      if control.score(r) < control.score(best[2]):
-        cand_ret = retention_of(cand)
-        if cand_ret >= floor:
-          best = (cand, gain, r, cand_ret)
-    table, gain, reading, ret = best
-    return table, {"attributes": which, "gain": gain}, reading, ret
+      return r
+    for gain, r in control.polish_gain(read, reading, tol=tol):
+      if gain == 0.0:
+        break
+      cand = table + gain * move
+      cand_ret = retention_of(cand)
+      if cand_ret >= floor:
+        return cand, {"attributes": which, "gain": gain}, r, cand_ret
+    return table, {"attributes": which, "gain": 0.0}, reading, ret
 
   def polish_move(self, table, names, seed=None, **settings) -> np.ndarray:
     """One free table's move from `table` (n, D), calibrated for every attribute

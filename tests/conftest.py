@@ -14,6 +14,7 @@ TINY = [
     "model.dim=16", "train.epochs=3", "train.batch_size=256", "train.lr=0.01",
     "eval.batch_users=128",
     "unlearn.steps=12", "unlearn.batch_users=64", "unlearn.ckpt_every=4", "unlearn.lr=0.01",
+    "unlearn.polish_steps=4",
     "combine.steps=6", "combine.lr=0.05",
     "attack.steps=60",
 ]

@@ -141,3 +141,46 @@ def test_worst_signed_keeps_the_sign_of_the_probe_furthest_from_chance():
   reading = control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
   np.testing.assert_array_equal(reading.worst_signed(), [-0.05, 0.03, 0.0])
   np.testing.assert_array_equal(np.abs(reading.worst_signed()), reading.worst())
+
+
+def _linear_read(start, slope):
+  """Probes reading each attribute at start + slope * gain (signed, linear in the gain)."""
+  start, slope = np.asarray(start, float), np.asarray(slope, float)
+  calls = []
+
+  def read(gain):
+    calls.append(gain)
+    signed = np.tile(start + slope * gain, (2, 1))
+    return control.Reading(signed, signed - 0.02, signed + 0.02, ("linear", "mlp"))
+  return read, calls
+
+
+def test_polish_gain_reads_where_the_worst_attribute_is_closest_to_chance():
+  # gender would cross chance at 0.12 and occupation at 0.3; age (not polished)
+  # drifts up. Balanced: 0.15, where gender is -0.015 and occupation +0.015.
+  read, calls = _linear_read([0.06, 0.004, 0.03], [-0.5, 0.01, -0.1])
+  before = read(0.0)
+  ranked = control.polish_gain(read, before, tol=0.01)
+  gain, reading = ranked[0]
+  assert calls[1] == control.POLISH_FIRST
+  np.testing.assert_allclose(gain, 0.15, atol=1e-9)
+  np.testing.assert_allclose(reading.worst().max(), 0.015, atol=1e-9)
+  assert all(control.no_worse(before, r, 0.01) for _, r in ranked)
+  assert [r.worst().max() for _, r in ranked] == sorted(r.worst().max() for _, r in ranked)
+
+
+def test_polish_gain_refuses_a_gain_that_pushes_any_attribute_further_from_chance():
+  # The mean over attributes improves at every gain, but age leaves the target.
+  read, _ = _linear_read([0.08, 0.0, 0.0], [-0.08, 0.12, 0.0])
+  before = read(0.0)
+  ranked = control.polish_gain(read, before, tol=0.01)
+  assert [g for g, _ in ranked] == [0.0]
+  np.testing.assert_array_equal(ranked[0][1].signed, before.signed)
+  # Within twice the target, the probes' noise, an attribute may move.
+  assert control.no_worse(before, read(0.15), 0.01) and not control.no_worse(before, read(0.2), 0.01)
+
+
+def test_polish_gain_reads_no_further_than_max_gain_on_a_weak_move():
+  read, calls = _linear_read([0.05], [-0.02])            # chance only at a gain of 2.5
+  ranked = control.polish_gain(read, read(0.0), tol=0.01, max_gain=1.0)
+  assert max(calls) == 1.0 and ranked[0][0] == 1.0
