@@ -264,7 +264,8 @@ class Unlearner:
     return ranking.evaluate(bb.ranking_fn(table), self.wd.split, stage="valid", ks=(10,),
                             batch_users=self.config["eval"]["batch_users"])["ndcg@10"]
 
-  def _control_combination(self, active, table_at, seed=None) -> tuple[np.ndarray, dict]:
+  def _control_combination(self, active, table_at, seed=None, weights=None
+                           ) -> tuple[np.ndarray, dict]:
     """The combined table: gains on the active bricks' parts so that every
     active attribute reads within the target, above the utility floor.
 
@@ -304,7 +305,7 @@ class Unlearner:
     polish = None
     if self.cfg["polish_steps"] > 0 and np.any(reading.worst() > tol):
       table, polish, reading, ret = self._polish(active, table, reading, seeds, seed,
-                                                 retention_of, min(floor, ret), ret)
+                                                 retention_of, min(floor, ret), ret, weights)
     within = bool(np.all(reading.worst() <= tol))
     for a, name in enumerate(active):
       if reading.worst()[a] > tol:
@@ -361,7 +362,8 @@ class Unlearner:
         return cand, shares, r, cand_ret
     return table, np.zeros(len(active)), reading, ret
 
-  def _polish(self, active, table, reading, seeds, seed, retention_of, floor, ret):
+  def _polish(self, active, table, reading, seeds, seed, retention_of, floor, ret,
+              weights=None):
     """`unlearn.polish_steps`: the combined table plus a gain of `polish_move`
     for the attributes still above the target, at the gain `control.polish_gain`
     ranks first among those keeping a retention (`retention_of(table)`) of at
@@ -374,7 +376,7 @@ class Unlearner:
     already is pushed below it (docs/findings.md)."""
     tol = float(self.cfg["target_leakage"])
     which = [a for a, w in zip(active, reading.worst()) if w > tol]
-    move = self.polish_move(table, which, seed)
+    move = self.polish_move(table, which, seed, **(weights or {}))
 
     def read(gain):
       r = self._read(table + gain * move, active, seeds=seeds)
@@ -603,10 +605,13 @@ class Unlearner:
   def combination_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), 1)
 
-  def controlled_table(self, order, active, bricks, w, seed=None) -> tuple[np.ndarray, dict]:
+  def controlled_table(self, order, active, bricks, w, seed=None, weights=None
+                       ) -> tuple[np.ndarray, dict]:
     """The combined table of bricks (K, n, D) (attributes `order`) under the
     learned weights `w`, with the control loop's gains on the `active` ones
-    (probes seeded by `seed`, default this config's), and its report."""
+    (probes seeded by `seed`, default this config's), and its report.
+    `weights` replace the `unlearn` weights the polish calibrates with (a
+    sweep's grid point; `polish_move`)."""
     e0 = self.target().e0
     mask = jnp.asarray([a in active for a in order], jnp.float32)
     mode = self.config["combine"]["mode"]
@@ -620,7 +625,7 @@ class Unlearner:
       return sharding.to_host(combination.combine(w, e0, mean, mask, mode, gains[:, 0])
                               + combination.combine(w, jnp.zeros_like(e0), rest, mask, mode,
                                                     gains[:, 1]))
-    return self._control_combination(active, table_at, seed)
+    return self._control_combination(active, table_at, seed, weights)
 
   # ---- requests ----------------------------------------------------------
   def brick_settings(self, name: str) -> dict:

@@ -165,9 +165,12 @@ def _run_points(wd, static_cfg, points, vmapped, seed_list, names, original, sec
                                  u.labels(names),
                                  jnp.ones(k, jnp.float32), ckeys, chps,
                                  spec=u.combination_spec(), score_fn=wd.backbone().score)
-  # The gain search reads only looped fields (target, floor, probes): one Unlearner serves all.
-  tables, reports = zip(*(u.controlled_table(names, names, bricks[g], w[g], seed=s)
-                          for g, (_, s, _) in enumerate(grid_cfgs)))
+  # The gain search reads only looped fields (target, floor, probes), and the
+  # polish each point's own weights: one Unlearner serves all.
+  tables, reports = zip(*(u.controlled_table(
+      names, names, bricks[g], w[g], seed=s,
+      weights={f: c["unlearn"][f] for f in calibration.HParams._fields})
+      for g, (_, s, c) in enumerate(grid_cfgs)))
   seconds["combination"] += time.perf_counter() - start
 
   start = time.perf_counter()
@@ -184,6 +187,8 @@ def _run_points(wd, static_cfg, points, vmapped, seed_list, names, original, sec
                  "leakage": {a: {n: leak[a][g][n] for n in names} for a in ATTACKERS},
                  "within_target": reports[g].get("within_target"),
                  "warnings": reports[g].get("warnings", []),
+                 "combination_control": {f: reports[g].get(f) for f in
+                                         ("gains", "residual_means", "polish")},
                  "strength": {f: cal.strength[f][part] for f in ("w_mi", "l2")},
                  "brick_gains": cal.gains[part].tolist(), "brick_control": brick})
   seconds["evaluation"] += time.perf_counter() - start

@@ -99,8 +99,12 @@ def test_grid_values_are_checked_like_overrides():
 def test_sweep_runs_the_grid_and_each_point_equals_that_run_alone(fresh_workdir, tmp_path, capsys):
   """The whole method, control loop included, through the command line."""
   out = tmp_path / "sweep"
+  # Without the polish: its first Adam steps follow the sign of near-zero
+  # gradients, so a 1e-6 difference in the combined table moves it by 1e-4
+  # (its weights per point: the next test).
   assert main(["sweep", "--workdir", str(fresh_workdir), "--grid", "unlearn.w_mi=0.5,2",
-               "--seeds", "2", "--attributes", "gender,age", "--out", str(out), "--json"]) == 0
+               "--seeds", "2", "--attributes", "gender,age", "--out", str(out), "--json",
+               "--set", "unlearn.polish_steps=0"]) == 0
   result = json.loads(capsys.readouterr().out)
   assert result == json.loads((out / "sweep.json").read_text())
   assert (out / "sweep.png").stat().st_size > 0 and "± " in (out / "sweep.md").read_text()
@@ -117,12 +121,31 @@ def test_sweep_runs_the_grid_and_each_point_equals_that_run_alone(fresh_workdir,
   wd = Workdir.open(fresh_workdir)
   config = json.loads(json.dumps(wd.config))
   config["unlearn"]["w_mi"], config["seed"] = 2.0, result["seeds"][1]
+  config["unlearn"]["polish_steps"] = 0
   u = Unlearner(wd, progress=False, config=config)
   alone = u.unlearn(["gender", "age"])
   np.testing.assert_allclose(np.load(out / "sweep_tables.npz")[f"run{i}"], alone, atol=2e-5)
   assert result["runs"][i]["strength"]["w_mi"] == [u.brick_meta()[n]["strength"]["w_mi"]
                                                    for n in ("gender", "age")]
+  assert result["runs"][i]["combination_control"]["gains"] == u.status()["combination"]["gains"]
   assert not (fresh_workdir / "sweep.json").exists()   # --out, not the workdir
+
+
+def test_each_point_of_a_sweep_is_polished_with_its_own_weights(fresh_workdir, tmp_path,
+                                                                monkeypatch, capsys):
+  real, seen = Unlearner.polish_move, []
+
+  def polish_move(self, table, names, seed=None, **settings):
+    seen.append((seed, settings.get("w_mi")))
+    return real(self, table, names, seed, **settings)
+  monkeypatch.setattr(Unlearner, "polish_move", polish_move)
+  assert main(["sweep", "--workdir", str(fresh_workdir), "--grid", "unlearn.w_mi=0.5,2",
+               "--seeds", "1", "--attributes", "gender", "--out", str(tmp_path), "--json",
+               "--set", "unlearn.target_leakage=0"]) == 0    # a target of 0: always polished
+  result = json.loads(capsys.readouterr().out)
+  assert sorted(w for _, w in seen) == [0.5, 2.0]
+  assert all(r["combination_control"]["polish"]["attributes"] == ["gender"]
+             for r in result["runs"])
 
 
 def test_sweep_refuses_bad_input_before_any_work(fresh_workdir, capsys):
