@@ -521,7 +521,7 @@ class Unlearner:
         if "previous" in strength:
           w_mi, l2 = control.strength_step(reading, strength["previous"], w_mi, l2,
                                            float(self.cfg["target_leakage"]))
-        strength["previous"] = control.signed_worst(reading).tolist()
+        strength["previous"] = reading.worst_signed().tolist()
         self._say(f"control, step {step}: " + "; ".join(
             f"{n} " + " ".join(f"{p} {reading.signed[i, a]:+.3f}" for i, p in
                                enumerate(reading.probes)) + f" -> w_mi {w_mi[a]:.3g} l2 {l2[a]:.3g}"

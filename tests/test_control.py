@@ -109,7 +109,7 @@ def test_strength_step_pushes_stalled_under_removal_eases_overshoot_and_keeps_th
   before = _reading([[0.04, 0.09, 0.0, 0.01], [0.01, 0.02, 0.0, 0.0]])
   now = _reading([[0.005, 0.03, -0.04, 0.004],      # linear
                   [0.03, 0.01, -0.01, -0.006]])      # mlp
-  w_mi, l2 = control.strength_step(now, control.signed_worst(before), np.full(4, 1.0),
+  w_mi, l2 = control.strength_step(now, before.worst_signed(), np.full(4, 1.0),
                                    np.full(4, 2.0), tol=0.01)
   f, g = control.MI_FACTOR, control.PULL_FACTOR
   np.testing.assert_allclose(w_mi, [f, 1.0, 1 / f, 1.0])

@@ -92,11 +92,6 @@ MI_FACTOR, PULL_FACTOR = 2.0, 2.0
 STALL = 0.5
 
 
-def signed_worst(reading: Reading) -> np.ndarray:
-  """(K,) each attribute's signed leakage of the probe farthest from chance."""
-  return np.take_along_axis(reading.signed, np.abs(reading.signed).argmax(0)[None], 0)[0]
-
-
 def strength_step(reading: Reading, previous: np.ndarray, w_mi: np.ndarray, l2: np.ndarray,
                   tol: float) -> tuple[np.ndarray, np.ndarray]:
   """One dual step on each attribute's MI weight and pull toward E0.
@@ -105,8 +100,9 @@ def strength_step(reading: Reading, previous: np.ndarray, w_mi: np.ndarray, l2: 
   chance under a pull of 10 while age (7 classes) needed 1 (docs/findings.md,
   "Utility"). So both follow the probes. Where the worst probe reads the
   attribute above chance by more than `tol` and the leakage has not at least
-  halved (`STALL`) since the `previous` reading (its `signed_worst`), the MI term weighs
-  `MI_FACTOR` times more and the pull `PULL_FACTOR` times less; where it reads
+  halved (`STALL`) since the `previous` reading (its `Reading.worst_signed`),
+  the MI term weighs `MI_FACTOR` times more and the pull `PULL_FACTOR` times
+  less; where it reads
   it below chance by more than `tol`, the reverse; otherwise they stay. An
   attribute still on its way is left alone: loosening every attribute that
   read high early on (measured) moved rows that needed no move, and
@@ -114,7 +110,7 @@ def strength_step(reading: Reading, previous: np.ndarray, w_mi: np.ndarray, l2: 
   Unlike the gains applied after calibration, this lets the remaining steps
   find a new move with the ranking hinge in force, rather than stretch the old one.
   """
-  now, before = signed_worst(reading), np.asarray(previous)
+  now, before = reading.worst_signed(), np.asarray(previous)
   stalled = np.abs(now) > STALL * np.abs(before)
   d = np.where((now > tol) & stalled, 1.0, np.where(now < -tol, -1.0, 0.0))
   return w_mi * MI_FACTOR ** d, l2 / PULL_FACTOR ** d
