@@ -289,16 +289,17 @@ DESCRIPTIONS: dict[str, str] = {
                               "within this of chance (BAcc - chance, both directions)",
     "unlearn.min_retention": "utility floor: the combined table's validation NDCG@10 over the "
                              "original's; where the loop's best table falls under it, the "
-                             "best table that keeps it is used and a warning says so",
+                             "best table read that keeps it is used (none: the loop's) and a "
+                             "warning says so",
     "unlearn.probes": "steering attackers (`linear`, `mlp`, `knn`), with the `attack` "
                       "settings; linear ones judge the class-mean gain, the others the "
                       "within-class gain",
     "unlearn.probe_folds": "cross-fitting folds of the probes; as many as the attackers that "
                            "judge (`attack.folds`), because how far below chance an "
                            "overshoot reads depends on the train/test ratio",
-    "unlearn.probe_repeats": "fold splits averaged per reading; 0 = enough that about 4000 "
-                             "users are scored (1 on ML-1M, 4 on ML-100K): on a few hundred "
-                             "users one split's reading varies more than the target",
+    "unlearn.probe_repeats": "fold splits averaged per reading; 0 = enough that about 10000 "
+                             "users are scored (2 on ML-1M, 4 on ML-100K): one split's "
+                             "reading varies more than the target",
     "unlearn.control_rounds": "search rounds per loop; each reads the probes on two tables",
     "unlearn.max_gain": "how far a move that stopped short may be extended",
     "unlearn.residual_means": "after the combination's gains, take back a share (0.25, 0.5 "

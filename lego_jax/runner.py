@@ -98,15 +98,18 @@ def evaluate(args):
 def attack(args):
   wd = Workdir.open(args.workdir)
   table = Unlearner(wd).table(args.stage)
+  keys = ATTACK_KEYS + (("split_sd",) if args.repeats > 1 else ())
   out = {"stage": args.stage, "attacker": args.attacker, "protocol": args.protocol,
-         "attributes": {a: {k: r[k] for k in ATTACK_KEYS}
-                        for a, r in wd.attack(table, args.attacker, args.protocol).items()}}
+         "repeats": args.repeats,
+         "attributes": {a: {k: r[k] for k in keys}
+                        for a, r in wd.attack(table, args.attacker, args.protocol,
+                                              repeats=args.repeats).items()}}
 
   def text(o):
-    return (f"stage {o['stage']}, attacker {o['attacker']}, protocol {o['protocol']}\n"
-            + format_table(("attribute",) + ATTACK_KEYS,
-                           [(a,) + tuple(m[k] for k in ATTACK_KEYS)
-                            for a, m in o["attributes"].items()]))
+    return (f"stage {o['stage']}, attacker {o['attacker']}, protocol {o['protocol']}, "
+            f"{o['repeats']} fold split(s)\n"
+            + format_table(("attribute",) + keys,
+                           [(a,) + tuple(m[k] for k in keys) for a, m in o["attributes"].items()]))
 
   return out, args.json, text
 

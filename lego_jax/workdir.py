@@ -345,13 +345,15 @@ class Workdir:
     return ranking.evaluate(bb.ranking_fn(table), self.split, stage=stage, ks=self.eval_ks(),
                             batch_users=self.config["eval"]["batch_users"])
 
-  def attack(self, table, attacker: str = "mlp", protocol: str = "cv5", names=None) -> dict:
-    """Attribute-inference attack on `table` (the seed and settings of this workdir's config)."""
+  def attack(self, table, attacker: str = "mlp", protocol: str = "cv5", names=None,
+             repeats: int = 1) -> dict:
+    """Attribute-inference attack on `table` (the seed and settings of this
+    workdir's config), averaged over `repeats` fold splits."""
     names = self.attribute_names() if names is None else list(names)
     labels, num_classes = self.labels(names)
     return attackers.attack(np.asarray(table), labels, num_classes, attacker=attacker,
                             protocol=protocol, seed=self.config["seed"],
-                            config=self.config["attack"], names=names)
+                            config=self.config["attack"], names=names, repeats=repeats)
 
   def evaluate_popularity(self, stage: str = "test") -> dict:
     return ranking.evaluate(ranking.popularity_score_fn(self.split), self.split, stage=stage,

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks.brick_interference import match_covariances, polish
+from benchmarks.retention_protocol import reads
 from lego_jax.requests import Unlearner
 from lego_jax.workdir import Workdir
 
@@ -47,3 +48,14 @@ def test_polish_moves_only_under_its_losses_and_repeats_exactly(fresh_workdir):
   # Without the MI term and the ranking hinge only the pull to `table` is left: nothing moves.
   still = polish(u, table, ["gender"], "mmd", 6, ["w_mi=0", "lam_rank=0"])
   np.testing.assert_allclose(still, 0.0, atol=1e-6)
+
+
+def test_retention_is_read_under_both_protocols(fresh_workdir):
+  wd = Workdir.open(fresh_workdir)
+  e0 = np.asarray(wd.backbone().table())
+  same = reads(wd, e0)
+  assert len(same) == 4 and all(r == {"retention": 1.0, "bootstrap_sd": 0.0} for r in same.values())
+  noisy = reads(wd, e0 + np.random.default_rng(0).normal(size=e0.shape).astype(e0.dtype))
+  assert all(r["retention"] < 1.0 and r["bootstrap_sd"] > 0 for r in noisy.values())
+  # Masking the other split's items changes what is read: the protocols differ.
+  assert noisy["valid (test items compete)"] != noisy["valid, test items masked"]

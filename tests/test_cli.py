@@ -87,6 +87,12 @@ def test_workdir_commands(capsys, fresh_workdir, tmp_path):
   assert abs(res["attributes"]["gender"]["leakage"]
              - abs(res["attributes"]["gender"]["bacc"] - 0.5)) < 1e-9
 
+  code, out, _ = run_cli(capsys, "attack", "--workdir", wd, "--stage", "combined",
+                         "--attacker", "linear", "--repeats", "2")
+  assert code == 0 and "2 fold split(s)" in out and "split_sd" in out
+  code, _, err = run_cli(capsys, "attack", "--workdir", wd, "--repeats", "0")
+  assert code == 2 and "repeats must be at least 1" in err and "Traceback" not in err
+
   code, _, err = run_cli(capsys, "attack", "--workdir", wd, "--stage", "brick:religion")
   assert code == 2 and "valid: brick:age, brick:gender, brick:occupation, combined, original" in err
 
