@@ -207,7 +207,7 @@ class Unlearner:
     the evaluation's attackers read -0.042), and on ML-1M's 6040 users by an
     sd of up to 0.02 (the linear probe on occupation). With one split on
     ML-1M the loop stopped where five fresh splits read up to 0.024 (NCF
-    gender); with two, within 0.013 (docs/findings.md)."""
+    gender); with two, up to 0.020 (LightGCN gender; docs/findings.md)."""
     if self.cfg["probe_repeats"] > 0:
       return int(self.cfg["probe_repeats"])
     return int(np.clip(round(10000 / self.wd.split.n_users), 1, 4))
