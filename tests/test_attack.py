@@ -180,15 +180,15 @@ def test_planted_signal_is_found(attacker):
 def test_repeats_average_fold_splits_and_report_their_spread():
   x, y, classes = _data(n=600, dim=8, shift=0.3)
   one = [attack_lib.attack(x, y, classes, attacker="linear", seed=s) for s in (3, 4, 5)]
-  both = attack_lib.attack(x, y, classes, attacker="linear", seed=3, repeats=3)
-  for name, r in both.items():
+  pooled = attack_lib.attack(x, y, classes, attacker="linear", seed=3, repeats=3)
+  for name, r in pooled.items():
     baccs = [o[name]["bacc"] for o in one]
     assert r["folds"] == 15 and "split_sd" not in one[0][name]
     assert r["bacc"] == pytest.approx(np.mean(baccs), abs=1e-9)
     assert r["split_sd"] == pytest.approx(np.std(baccs, ddof=1), abs=1e-9)
     assert r["leakage"] == pytest.approx(abs(r["bacc"] - r["chance"]), abs=1e-12)
   # Different seeds drew different folds: the spread is a measurement, not 0.
-  assert max(r["split_sd"] for r in both.values()) > 0
+  assert max(r["split_sd"] for r in pooled.values()) > 0
   with pytest.raises(LegoError, match="repeats must be at least 1"):
     attack_lib.attack(x, y, classes, attacker="linear", repeats=0)
 
