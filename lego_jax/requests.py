@@ -266,6 +266,13 @@ class Unlearner:
     return ranking.evaluate(bb.ranking_fn(table), self.wd.split, stage="valid", ks=(10,),
                             batch_users=self.config["eval"]["batch_users"])["ndcg@10"]
 
+  def retention(self, table) -> float:
+    """`table`'s validation NDCG@10 over the original's (1 where that is 0):
+    what the utility floor `unlearn.min_retention` bounds."""
+    if not hasattr(self, "_original_ndcg"):
+      self._original_ndcg = self._valid_ndcg(sharding.to_host(self.target().e0))
+    return self._valid_ndcg(table) / self._original_ndcg if self._original_ndcg else 1.0
+
   def _control_combination(self, active, table_at, seed=None, weights=None
                            ) -> tuple[np.ndarray, dict]:
     """The combined table: gains on the active bricks' parts so that every
@@ -281,13 +288,11 @@ class Unlearner:
     seeds = None if seed is None else [seed] * k
     gains, history = self._solve(lambda g: self._read(table_at(g), active, seeds=seeds), active,
                                  False)
-    original = self._valid_ndcg(sharding.to_host(self.target().e0))
-    retention_of = lambda table: self._valid_ndcg(table) / original if original else 1.0
-    retention = lambda g: retention_of(table_at(g))
+    retention = lambda g: self.retention(table_at(g))
     ret = retention(gains)
     warnings = []
     if ret < floor:
-      gains, ret = self._keep_floor(gains, ret, history, retention, floor)
+      gains, ret = control.keep_floor(gains, ret, history, retention, floor)
       warnings.append(f"the utility floor (validation NDCG@10 retention {floor:.2f}) was binding: "
                       + (f"kept the table at retention {ret:.3f}" if ret >= floor else
                          f"no table read keeps it; kept the loop's, at retention {ret:.3f}"))
@@ -296,11 +301,11 @@ class Unlearner:
     shares = np.zeros(k)
     if self.cfg["residual_means"] and np.any(reading.worst() > tol):
       table, shares, reading, ret = self._take_back_means(active, table, reading, seeds,
-                                                          retention_of, min(floor, ret), ret)
+                                                          self.retention, min(floor, ret), ret)
     polish = None
     if self.cfg["polish_steps"] > 0 and np.any(reading.worst() > tol):
       table, polish, reading, ret = self._polish(active, table, reading, seeds, seed,
-                                                 retention_of, min(floor, ret), ret, weights)
+                                                 self.retention, min(floor, ret), ret, weights)
     within = bool(np.all(reading.worst() <= tol))
     for a, name in enumerate(active):
       if reading.worst()[a] > tol:
@@ -314,25 +319,6 @@ class Unlearner:
         **({} if polish is None else {"polish": polish}),
         "leakage": reading.report(active), "retention_valid": float(ret),
         "within_target": within, "warnings": warnings, "control_steps": len(history)}
-
-  @staticmethod
-  def _keep_floor(gains, ret, history, retention, floor) -> tuple[np.ndarray, float]:
-    """(gains, retention) under the utility floor: the steps read, closest to
-    chance first (at most four more), until one keeps `floor`; of those that
-    do, the one closest to chance. Where none does, `gains` (the loop's
-    choice) stays: a step further from chance that still misses the floor
-    gives up leakage for nothing (synthetic data: the step with the most
-    retention, 0.941, left gender's linear probe at +0.055; from the loop's
-    table, at 0.891, the class-mean step and the polish ended within 0.016)."""
-    tried = [(gains, ret)]
-    for step in sorted(history, key=lambda s: control.score(s.reading))[:4]:
-      if not any(np.array_equal(step.gains, g) for g, _ in tried):
-        tried.append((step.gains, retention(step.gains)))
-      if tried[-1][1] >= floor:
-        break
-    ok = [t for t in tried if t[1] >= floor]
-    worst = lambda t: control.score(control.reading_at(history, t[0], False))
-    return min(ok, key=worst) if ok else tried[0]
 
   def _take_back_means(self, active, table, reading, seeds, retention_of, floor, ret):
     """`unlearn.residual_means`: the combined table less a share of what is left

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from benchmarks.brick_interference import match_covariances, polish
+from benchmarks.brick_retention import VARIANTS, brick_reads
 from benchmarks.retention_protocol import reads
 from lego_jax.requests import Unlearner
 from lego_jax.workdir import Workdir
@@ -59,3 +60,17 @@ def test_retention_is_read_under_both_protocols(fresh_workdir):
   assert all(r["retention"] < 1.0 and r["bootstrap_sd"] > 0 for r in noisy.values())
   # Masking the other split's items changes what is read: the protocols differ.
   assert noisy["valid (test items compete)"] != noisy["valid, test items masked"]
+
+
+@pytest.mark.slow
+def test_brick_retention_reads_each_variant_of_the_stored_brick(fresh_workdir):
+  u = Unlearner(Workdir.open(fresh_workdir), progress=False)
+  u.calibrate(["gender"])
+  out = brick_reads(u, "gender")
+  assert set(out["retention"]) == set(VARIANTS)
+  assert all(0.0 < r < 1.5 for r in out["retention"].values())
+  # The loop's gains are read on the stored delta, not on an already scaled one.
+  delta = u.with_gains(["gender"], u._load_brick("gender")[None], [[1.0, 1.0]])[0]
+  assert out["retention"]["loop's gains"] == u.retention(np.asarray(u.target().e0) + delta)
+  # Shrinking the class-mean part cannot read as stretching it: each variant is its own table.
+  assert out["retention"]["mean x0.75"] != out["retention"]["mean x1.25"]

@@ -794,30 +794,3 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
   kept = u._polish(names, plain, reading, None, None, lambda t: 0.9, 0.95, 1.0)
   np.testing.assert_array_equal(kept[0], plain)
   assert kept[1]["gain"] == 0.0 and kept[3] == 1.0
-
-
-def test_the_floor_keeps_the_step_closest_to_chance_that_keeps_it_else_the_loops():
-  from lego_jax.unlearning import control
-
-  def step(g, leak):
-    signed = np.full((2, 2), leak)
-    return control.Step(np.full((2, 2), g), control.Reading(signed, signed - 0.01, signed + 0.01,
-                                                             ("linear", "mlp")))
-  # Gains g read leakage `leak`; more gain, less leakage and less retention.
-  history = [step(1.0, 0.01), step(0.5, 0.06), step(0.75, 0.03), step(0.25, 0.09)]
-  asked = []
-
-  def retention(gains):
-    asked.append(float(gains[0, 0]))
-    return 1.0 - 0.1 * float(gains[0, 0])
-  best = history[0].gains
-  gains, ret = Unlearner._keep_floor(best, 0.90, history, retention, 0.95)
-  assert asked == [0.75, 0.5]          # closest to chance first, until one keeps the floor
-  np.testing.assert_array_equal(gains, history[1].gains)
-  assert ret == pytest.approx(0.95)
-  # No step keeps the floor: the loop's own table stays, not the one with most retention.
-  asked.clear()
-  gains, ret = Unlearner._keep_floor(best, 0.90, history, lambda g: 0.5 + retention(g) - 1, 0.95)
-  assert asked == [0.75, 0.5, 0.25]
-  np.testing.assert_array_equal(gains, best)
-  assert ret == 0.90
