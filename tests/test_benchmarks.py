@@ -74,3 +74,24 @@ def test_brick_retention_reads_each_variant_of_the_stored_brick(fresh_workdir):
   assert out["retention"]["loop's gains"] == u.retention(np.asarray(u.target().e0) + delta)
   # Shrinking the class-mean part cannot read as stretching it: each variant is its own table.
   assert out["retention"]["mean x0.75"] != out["retention"]["mean x1.25"]
+
+
+def test_mean_share_runs_the_combination_loop_at_each_share_without_writing(fresh_workdir):
+  import json
+  from benchmarks.mean_share import share_reads
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  Unlearner(wd, progress=False).unlearn(names)
+  path = fresh_workdir / "combination" / "metadata.json"
+  stored = path.read_text()
+  same = share_reads(wd, wd.config["unlearn"]["mean_share"])
+  assert path.read_text() == stored
+  # At the config's own share the benchmark is the loop that made the stored table.
+  meta = json.loads(stored)
+  assert same["retention_valid"] == meta["retention_valid"] and same["gains"] == meta["gains"]
+  for r in (same, share_reads(wd, 0.75, fresh_workdir / "shares")):
+    assert set(r["leakage"]["mlp"]) == set(r["leakage"]["linear"]) == set(names)
+    assert 0.0 < r["retention_test"] < 1.5
+  written = np.load(fresh_workdir / "shares" / "share_0.75.npz")
+  assert written["embeddings"].shape == Unlearner(wd, progress=False).table("combined").shape
+  np.testing.assert_array_equal(written["attr_gender"], wd.labels(["gender"])[0][0])

@@ -794,3 +794,39 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
   kept = u._polish(names, plain, reading, None, None, lambda t: 0.9, 0.95, 1.0)
   np.testing.assert_array_equal(kept[0], plain)
   assert kept[1]["gain"] == 0.0 and kept[3] == 1.0
+
+
+def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh_workdir):
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  rng = np.random.default_rng(0)
+  mean, rest, move = (rng.normal(size=(wd.split.n_users, 8)).astype(np.float32)
+                      for _ in range(3))
+  table_at = lambda g: float(g[0, 0]) * mean + float(g[0, 1]) * rest
+  light = table_at(np.asarray([[0.5, 1.0]]))
+
+  def fake_read(table, names, seeds=None):   # at the light table: chance at 0.3 of the move
+    gain = np.linalg.norm(table - light) / np.linalg.norm(move)
+    signed = np.tile([0.04 * (1 - gain / 0.3), 0.02 * (1 - gain / 0.3)], (2, 1))
+    return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
+  config = {**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": 0.5,
+                                     "residual_means": False}}
+  u = Unlearner(wd, progress=False, config=config)
+  u._read, u.polish_move, u.retention = fake_read, lambda t, w, s=None: move, lambda t: 0.99
+  gains, (table, shares, polish, after, ret) = u._lighter_means(names, table_at, None, None,
+                                                                0.95)
+  np.testing.assert_array_equal(gains, [[0.5, 1.0], [0.5, 1.0]])
+  assert polish["attributes"] == names and not shares.any()
+  np.testing.assert_allclose(polish["gain"], 0.3, atol=1e-4)
+  np.testing.assert_allclose(table, light + polish["gain"] * move, atol=1e-5)
+  assert ret == 0.99 and after.worst().max() < 1e-3
+  # Under the floor, or with a polish that cannot bring the probes within
+  # twice the target, the loop searches the gains as before.
+  u.retention = lambda t: 0.9
+  assert u._lighter_means(names, table_at, None, None, 0.95) is None
+  u.retention, u.polish_move = lambda t: 0.99, lambda t, w, s=None: 1e-3 * move
+  assert u._lighter_means(names, table_at, None, None, 0.95) is None
+  off = Unlearner(wd, progress=False,
+                  config={**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": 1.0}})
+  assert off._lighter_means(names, table_at, None, None, 0.95) is None
