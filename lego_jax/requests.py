@@ -331,10 +331,10 @@ class Unlearner:
     shares, polish = np.zeros(len(active)), None
     if self.cfg["residual_means"] and np.any(reading.worst() > tol):
       table, shares, reading, ret = self._take_back_means(active, table, reading, seeds,
-                                                          self.retention, min(floor, ret), ret)
+                                                          min(floor, ret), ret)
     if self.cfg["polish_steps"] > 0 and np.any(reading.worst() > tol):
       table, polish, reading, ret = self._polish(active, table, reading, seeds, seed,
-                                                 self.retention, min(floor, ret), ret, weights)
+                                                 min(floor, ret), ret, weights)
     return table, shares, polish, reading, ret
 
   def _lighter_means(self, active, table_at, seeds, seed, floor, weights=None):
@@ -359,22 +359,23 @@ class Unlearner:
     self._say(f"control, class-mean parts x{share:.2f}: " + "; ".join(
         f"{n} {s:+.3f}" for n, s in zip(active, reading.worst_signed())))
     out = self._finish(active, table, reading, seeds, seed, floor, self.retention(table), weights)
+    _, _, _, reading, ret = out
     tol = float(self.cfg["target_leakage"])
-    if np.all(out[3].worst() <= 2 * tol) and out[4] >= floor:
+    left = [n for n, w in zip(active, reading.worst()) if w > 2 * tol]
+    if not left and ret >= floor:
       return gains, out
-    left = [n for n, w in zip(active, out[3].worst()) if w > 2 * tol]
     self._say(f"control, class-mean parts x{share:.2f}: " + (
         f"{', '.join(left)} beyond twice the target" if left else
-        f"retention {out[4]:.3f} under the floor") + "; searching the gains")
+        f"retention {ret:.3f} under the floor") + "; searching the gains")
     return None
 
-  def _take_back_means(self, active, table, reading, seeds, retention_of, floor, ret):
+  def _take_back_means(self, active, table, reading, seeds, floor, ret):
     """`unlearn.residual_means`: the combined table less a share of what is left
     of each attribute's class means (`control.class_mean_parts`), per attribute
     the smallest share its probes read within twice the target, else the one
     they read closest to chance. Kept only where the probes read the result
     closer to chance on average than the table without it, at a retention
-    (`retention_of(table)`) of at least `floor`; returns (table, shares,
+    (`retention`) of at least `floor`; returns (table, shares,
     reading, retention).
 
     Each brick alone reaches chance, but added they cross: correlated
@@ -405,16 +406,16 @@ class Unlearner:
       cand = at(shares)
       same = shares[0] if np.all(shares == shares[0]) else None
       r = read[same] if same in read else self._read(cand, active, seeds=seeds)
-      cand_ret = retention_of(cand)
+      cand_ret = self.retention(cand)
       if control.score(r) < control.score(reading) and cand_ret >= floor:
         return cand, shares, r, cand_ret
     return table, np.zeros(len(active)), reading, ret
 
-  def _polish(self, active, table, reading, seeds, seed, retention_of, floor, ret,
+  def _polish(self, active, table, reading, seeds, seed, floor, ret,
               weights=None):
     """`unlearn.polish_steps`: the combined table plus a gain of `polish_move`
     for the attributes still above the target, at the gain `control.polish_gain`
-    ranks first among those keeping a retention (`retention_of(table)`) of at
+    ranks first among those keeping a retention (`retention`) of at
     least `floor`; returns (table, {"attributes", "gain"}, reading, retention).
 
     What is left after combining did not move under more minibatch steps
@@ -435,7 +436,7 @@ class Unlearner:
       if gain == 0.0:
         break
       cand = table + gain * move
-      cand_ret = retention_of(cand)
+      cand_ret = self.retention(cand)
       if cand_ret >= floor:
         return cand, {"attributes": which, "gain": gain}, r, cand_ret
     return table, {"attributes": which, "gain": 0.0}, reading, ret

@@ -729,16 +729,16 @@ def test_residual_means_take_back_per_attribute_the_share_the_probes_read_best(f
     return control.Reading(np.repeat(signed, 2, 0), signed - 0.01, signed + 0.01,
                            ("linear", "mlp"))
   u = Unlearner(wd, progress=False)
-  u._read = fake_read
+  u._read, u.retention = fake_read, lambda t: 0.99
   reading = fake_read(plain, names)
-  table, shares, after, ret = u._take_back_means(names, plain, reading, None,
-                                                 lambda t: 0.99, 0.95, 1.0)
+  table, shares, after, ret = u._take_back_means(names, plain, reading, None, 0.95, 1.0)
   np.testing.assert_array_equal(shares, best_at)
   assert after.worst().max() < 0.05 < reading.worst().min()
   parts = control.class_mean_parts(plain, labels, num_classes)
   np.testing.assert_allclose(table, plain - 0.5 * parts[0] - 0.25 * parts[1], atol=1e-5)
   # Under the utility floor, the table is left as it was.
-  kept = u._take_back_means(names, plain, reading, None, lambda t: 0.9, 0.95, 1.0)
+  u.retention = lambda t: 0.9
+  kept = u._take_back_means(names, plain, reading, None, 0.95, 1.0)
   np.testing.assert_array_equal(kept[0], plain)
   np.testing.assert_array_equal(kept[1], 0.0)
 
@@ -781,17 +781,17 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
     signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, 0.03 * (1 - gain / 0.4)], (2, 1))
     return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
   u = Unlearner(wd, progress=False)
-  u._read, u.polish_move = fake_read, fake_move
+  u._read, u.polish_move, u.retention = fake_read, fake_move, lambda t: 0.99
   reading = fake_read(plain, names)
-  table, polish, after, ret = u._polish(names, plain, reading, None, None, lambda t: 0.99,
-                                        0.95, 1.0)
+  table, polish, after, ret = u._polish(names, plain, reading, None, None, 0.95, 1.0)
   assert polished == [["gender", "occupation"]]        # age is within the target already
   assert polish["attributes"] == ["gender", "occupation"]
   np.testing.assert_allclose(polish["gain"], 0.4, atol=1e-4)
   np.testing.assert_allclose(table, plain + polish["gain"] * move, atol=1e-5)
   assert ret == 0.99 and after.worst().max() < 1e-3
   # Under the utility floor, the table is left as it was.
-  kept = u._polish(names, plain, reading, None, None, lambda t: 0.9, 0.95, 1.0)
+  u.retention = lambda t: 0.9
+  kept = u._polish(names, plain, reading, None, None, 0.95, 1.0)
   np.testing.assert_array_equal(kept[0], plain)
   assert kept[1]["gain"] == 0.0 and kept[3] == 1.0
 
