@@ -1,6 +1,6 @@
 """Independent judges of an exported table: attackers lego-jax never steers with.
 
-  python benchmarks/judge.py FILE.npz [FILE.npz ...] [--seed 1] [--json]
+  python benchmarks/judge.py FILE.npz [FILE.npz ...] [--seed 1] [--rotate] [--json]
   python benchmarks/judge.py W/sweep_tables.npz --labels EXPORT.npz
 
 FILE is what `lego-jax export` writes (embeddings, attr_<name> codes). With
@@ -16,8 +16,15 @@ that lego-jax's control loop uses. Reported: signed leakage BAcc - chance
 with a 95% t-interval over the folds; positive = the attribute is still
 there, negative = an overshoot below chance.
 
-Needs scikit-learn (`pip install scikit-learn`), which lego-jax itself does
-not depend on.
+--rotate also judges each table standardised and turned by a random
+rotation (seeded; row "FILE (rotated)"): the same information in another
+basis. Smooth judges read it alike; trees split on single coordinates, so
+what they read only in the stored basis lies along the table's own axes
+(docs/findings.md, session 16). A diagnostic, not a remedy: a rotation hides
+nothing from an attacker that learns directions.
+
+Needs scikit-learn, which the test extra installs (`pip install '.[test]'`) and lego-jax
+itself does not depend on.
 """
 
 import argparse
@@ -71,6 +78,15 @@ def judge(x: np.ndarray, codes: np.ndarray, judges=JUDGES, seed: int = 1) -> dic
   return out
 
 
+def rotated(x: np.ndarray, seed: int) -> np.ndarray:
+  """`x` standardised per column and turned by a random orthogonal matrix (seeded)."""
+  rng = np.random.default_rng(seed)
+  q, r = np.linalg.qr(rng.normal(size=(x.shape[1], x.shape[1])))
+  q *= np.sign(np.diag(r))    # Haar-distributed, not biased by the QR's sign convention
+  sd = x.std(0)
+  return (x - x.mean(0)) / np.where(sd > 0, sd, 1.0) @ q
+
+
 def _mean(values) -> dict:
   """The mean of per-run readings with the 95% t-interval of the mean over runs."""
   from scipy import stats  # comes with scikit-learn
@@ -79,14 +95,16 @@ def _mean(values) -> dict:
   return {"signed": float(v.mean()), "ci95": [float(v.mean() - half), float(v.mean() + half)]}
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("files", nargs="+")
   ap.add_argument("--seed", type=int, default=1)
   ap.add_argument("--judges", default=",".join(JUDGES))
   ap.add_argument("--labels", help="an export whose attr_<name> codes label every table in FILE")
+  ap.add_argument("--rotate", action="store_true",
+                  help="also judge each table standardised and randomly rotated")
   ap.add_argument("--json", action="store_true")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   judges = [j for j in args.judges.split(",") if j]
   unknown = [j for j in judges if j not in JUDGES]
   if unknown:
@@ -97,12 +115,16 @@ def main():
     codes = np.load(args.labels) if args.labels else z
     names = [k[5:] for k in codes.files if k.startswith("attr_") and not k.endswith("_classes")]
     tables = {f"{f}:{k}": z[k] for k in z.files} if args.labels else {f: z["embeddings"]}
-    for name, x in tables.items():
-      results[name] = {a: judge(x.astype(np.float64), codes[f"attr_{a}"], judges, args.seed)
-                       for a in names}
-    if args.labels and len(tables) > 1:
-      results[f"{f}:mean"] = {a: {j: _mean([results[t][a][j]["signed"] for t in tables])
-                                  for j in judges} for a in names}
+    views = [("", lambda x: x)] + ([(" (rotated)", lambda x: rotated(x, args.seed))]
+                                   if args.rotate else [])
+    for suffix, view in views:
+      for name, x in tables.items():
+        results[name + suffix] = {a: judge(view(x.astype(np.float64)), codes[f"attr_{a}"],
+                                           judges, args.seed) for a in names}
+      if args.labels and len(tables) > 1:
+        results[f"{f}:mean{suffix}"] = {
+            a: {j: _mean([results[t + suffix][a][j]["signed"] for t in tables]) for j in judges}
+            for a in names}
   print(json.dumps(results))
   if not args.json:
     print()
@@ -114,6 +136,7 @@ def main():
                  for j in judges]
         worst = max(abs(r[j]["signed"]) for j in judges)
         print(f"| {f} | {a} | " + " | ".join(cells) + f" | {worst:.3f} |")
+  return results
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The combination's loop at several shares of the bricks' class-mean parts.
 
-  python benchmarks/mean_share.py --workdir W [--shares 1,0.875,0.75,0.5] [--out DIR] [--json]
+  python benchmarks/mean_share.py --workdir W [--shares 1,0.875,0.75,0.5] [--out DIR]
+                                  [--set unlearn.FIELD=VALUE ...] [--json]
 
 For each share, `Unlearner.controlled_table` on W's stored bricks and
 combination weights with `unlearn.mean_share` set to it (1: the gains
@@ -8,7 +9,10 @@ searched, then the class-mean step and the polish): the table's validation
 and test NDCG@10 retention, what the loop kept (gains, class-mean shares,
 polish gain) and the evaluation's MLP and linear attackers (`lego-jax
 attack`'s split). With --out, each table is written to DIR/share_<s>.npz
-in `lego-jax export`'s layout, for `benchmarks/judge.py`. W is only read.
+in `lego-jax export`'s layout, for `benchmarks/judge.py`. --set changes
+what the loop reads with (e.g. `unlearn.probes=["linear","mlp","knn"]`,
+`unlearn.marginal_features=16` for the polish), never the stored bricks.
+W is only read.
 """
 
 import argparse
@@ -20,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lego_jax import checkpoint  # noqa: E402
+from lego_jax import config as config_lib  # noqa: E402
 from lego_jax.report import format_table  # noqa: E402
 from lego_jax.requests import Unlearner  # noqa: E402
 from lego_jax.workdir import Workdir, safe_name  # noqa: E402
@@ -27,11 +32,16 @@ from lego_jax.workdir import Workdir, safe_name  # noqa: E402
 ATTACKERS = ("mlp", "linear")
 
 
-def share_reads(wd: Workdir, share: float, out=None) -> dict:
+def share_reads(wd: Workdir, share: float, out=None, overrides=()) -> dict:
   """The combined table the loop keeps at `share`: retention, its choices,
-  leakage; written to `out`/share_<share>.npz (embeddings, attr_<name>) if given."""
-  u = Unlearner(wd, progress=False,
-                config={**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": share}})
+  leakage; written to `out`/share_<share>.npz (embeddings, attr_<name>) if given.
+  `overrides` (`key=value`) change the config the loop runs under."""
+  config = wd.config
+  for text in overrides:
+    config = config_lib.merge(config, config_lib.parse_override(text))
+  config = {**config, "unlearn": {**config["unlearn"], "mean_share": share}}
+  config_lib.validate(config)
+  u = Unlearner(wd, progress=False, config=config)
   tree, meta = checkpoint.restore(wd.path / "combination")
   order, active = meta["bricks"], meta["active"]
   bricks = np.stack([u._load_brick(a) for a in order])
@@ -43,9 +53,11 @@ def share_reads(wd: Workdir, share: float, out=None) -> dict:
     np.savez(pathlib.Path(out) / f"share_{share:g}.npz", embeddings=np.asarray(table),
              **{f"attr_{safe_name(a)}": np.asarray(y, np.int32)
                 for a, y in zip(active, labels)})
-  return {"share": share, "retention_valid": report["retention_valid"],
+  # Without the loop (`unlearn.control = "none"`) there is no report: the table as combined.
+  return {"share": share, "retention_valid": report.get("retention_valid", u.retention(table)),
           "retention_test": wd.evaluate(table)["ndcg@10"] / original,
-          "gains": report["gains"], "residual_means": report["residual_means"],
+          "gains": report.get("gains", {a: [1.0, 1.0] for a in active}),
+          "residual_means": report.get("residual_means", {a: 0.0 for a in active}),
           "polish": (report.get("polish") or {}).get("gain", 0.0),
           "leakage": {at: {a: r["bacc"] - r["chance"]
                            for a, r in wd.attack(table, at, names=active).items()}
@@ -57,10 +69,12 @@ def main(argv=None) -> list:
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--shares", default="1,0.875,0.75,0.5")
   ap.add_argument("--out", help="folder for each share's table (export layout)")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="a config override for the loop (repeatable)")
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args(argv)
   wd = Workdir.open(args.workdir)
-  out = [share_reads(wd, float(s), args.out) for s in args.shares.split(",")]
+  out = [share_reads(wd, float(s), args.out, args.set) for s in args.shares.split(",")]
   if args.json:
     print(json.dumps(out))
   else:

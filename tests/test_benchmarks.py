@@ -5,7 +5,9 @@ import pytest
 
 from benchmarks.brick_interference import match_covariances, polish
 from benchmarks.brick_retention import VARIANTS, brick_reads
+from benchmarks import judge
 from benchmarks.retention_protocol import reads
+from lego_jax.errors import LegoError
 from lego_jax.requests import Unlearner
 from lego_jax.workdir import Workdir
 
@@ -36,6 +38,44 @@ def test_a_null_draw_leaves_the_sampling_noise_of_independent_classes():
   out = match_covariances(x, codes, 1.0, prior=0.0, null_draw=np.random.default_rng(1))
   gap = np.abs(_cov(out, codes, 0) - _cov(out, codes, 1)).max()
   assert 1e-3 < gap < np.abs(_cov(x, codes, 0) - _cov(x, codes, 1)).max()
+
+
+def _axis_signal(n=600, d=8, seed=0):
+  """Class 1 far from 0 on coordinate 0, class 0 near it; the other coordinates noise."""
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(0, 2, n)
+  x = rng.normal(size=(n, d))
+  x[:, 0] = np.where(codes == 1, rng.choice([-1.0, 1.0], n) * rng.uniform(0.6, 1.0, n),
+                     rng.uniform(-0.4, 0.4, n))
+  return x, codes
+
+
+def test_judges_read_a_planted_signal_and_nothing_in_permuted_labels():
+  x, codes = _axis_signal()
+  read = judge.judge(x, codes, judges=("gbdt", "knn25", "logreg"))
+  for j in ("gbdt", "knn25"):
+    assert read[j]["signed"] > 0.2 and read[j]["ci95"][0] > 0, (j, read[j])
+  assert abs(read["logreg"]["signed"]) < 0.06     # no linear signal was planted
+  null = judge.judge(x, np.random.default_rng(1).permutation(codes), judges=("gbdt",))
+  assert abs(null["gbdt"]["signed"]) < 0.06, null
+
+
+def test_a_rotation_keeps_every_distance_of_the_standardised_table():
+  x, _ = _axis_signal()
+  r = judge.rotated(x, seed=3)
+  z = (x - x.mean(0)) / x.std(0)
+  np.testing.assert_allclose(r @ r.T, z @ z.T, atol=1e-8)
+  assert not np.allclose(np.abs(r), np.abs(z), atol=0.1)
+  np.testing.assert_array_equal(judge.rotated(x, seed=3), r)
+
+
+def test_judge_main_reads_each_table_and_its_rotation(tmp_path):
+  x, codes = _axis_signal(n=400, d=4)
+  f = str(tmp_path / "t.npz")
+  np.savez(f, embeddings=x.astype(np.float32), attr_gender=codes)
+  out = judge.main([f, "--rotate", "--judges", "logreg", "--json"])
+  assert set(out) == {f, f + " (rotated)"}
+  assert set(out[f]) == {"gender"} and set(out[f]["gender"]) == {"logreg"}
 
 
 @pytest.mark.slow
@@ -95,3 +135,10 @@ def test_mean_share_runs_the_combination_loop_at_each_share_without_writing(fres
   written = np.load(fresh_workdir / "shares" / "share_0.75.npz")
   assert written["embeddings"].shape == Unlearner(wd, progress=False).table("combined").shape
   np.testing.assert_array_equal(written["attr_gender"], wd.labels(["gender"])[0][0])
+  # An override changes the loop, not the workdir: without control no gain is searched.
+  config = (fresh_workdir / "config.json").read_text()
+  off = share_reads(wd, 1.0, overrides=['unlearn.control="none"'])
+  assert all(g == [1.0, 1.0] for g in off["gains"].values())
+  assert path.read_text() == stored and (fresh_workdir / "config.json").read_text() == config
+  with pytest.raises(LegoError, match="unlearn.control"):
+    share_reads(wd, 1.0, overrides=['unlearn.control="sometimes"'])
