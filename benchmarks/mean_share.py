@@ -54,7 +54,8 @@ def share_reads(wd: Workdir, share: float, out=None, overrides=()) -> dict:
              **{f"attr_{safe_name(a)}": np.asarray(y, np.int32)
                 for a, y in zip(active, labels)})
   # Without the loop (`unlearn.control = "none"`) there is no report: the table as combined.
-  return {"share": share, "retention_valid": report.get("retention_valid", u.retention(table)),
+  valid = report["retention_valid"] if "retention_valid" in report else u.retention(table)
+  return {"share": share, "retention_valid": valid,
           "retention_test": wd.evaluate(table)["ndcg@10"] / original,
           "gains": report.get("gains", {a: [1.0, 1.0] for a in active}),
           "residual_means": report.get("residual_means", {a: 0.0 for a in active}),
