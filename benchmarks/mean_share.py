@@ -36,9 +36,7 @@ def share_reads(wd: Workdir, share: float, out=None, overrides=()) -> dict:
   """The combined table the loop keeps at `share`: retention, its choices,
   leakage; written to `out`/share_<share>.npz (embeddings, attr_<name>) if given.
   `overrides` (`key=value`) change the config the loop runs under."""
-  config = wd.config
-  for text in overrides:
-    config = config_lib.merge(config, config_lib.parse_override(text))
+  config = config_lib.apply_overrides(wd.config, overrides)
   config = {**config, "unlearn": {**config["unlearn"], "mean_share": share}}
   config_lib.validate(config)
   u = Unlearner(wd, progress=False, config=config)

@@ -641,6 +641,15 @@ def parse_override(text: str) -> dict:
   return out
 
 
+def apply_overrides(config: dict, overrides=()) -> dict:
+  """A copy of `config` with each `key=value` of `overrides` merged in, in order
+  (fields and types checked; values are checked by `validate`)."""
+  config = copy.deepcopy(config)
+  for text in overrides:
+    config = merge(config, parse_override(text))
+  return config
+
+
 def resolve(name: str | None = None, overrides=()) -> dict:
   """The full config: defaults, then the named file, then each override."""
   config = copy.deepcopy(DEFAULTS)
@@ -651,8 +660,7 @@ def resolve(name: str | None = None, overrides=()) -> dict:
         config = merge(config, tomllib.load(f))
     except tomllib.TOMLDecodeError as e:
       raise LegoError(f"{path}: {e}") from None
-  for text in overrides:
-    config = merge(config, parse_override(text))
+  config = apply_overrides(config, overrides)
   validate(config)
   return config
 

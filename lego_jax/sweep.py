@@ -91,9 +91,7 @@ def sweep(wd: Workdir, grid: dict[str, list], seeds: int = 3, names: Optional[li
   """Runs the grid on `wd`'s trained backbone; returns (and writes) the sweep's results."""
   if seeds < 1:
     raise LegoError(f"--seeds must be >= 1, got {seeds}")
-  base = copy.deepcopy(wd.config)
-  for text in overrides:
-    base = config_lib.merge(base, config_lib.parse_override(text))
+  base = config_lib.apply_overrides(wd.config, overrides)
   config_lib.validate(base)
   names = list(names or base["unlearn"]["attributes"] or wd.attribute_names())
   Unlearner(wd, progress=False, config=base)._checked(names)

@@ -245,9 +245,8 @@ class Workdir:
     if not (path / "config.json").is_file():
       raise LegoError(f"{path} is not a lego-jax workdir (no config.json); "
                       "create one with `lego-jax train` or `lego-jax run`")
-    config = config_lib.fill_defaults(config_lib.load(path / "config.json"))
-    for text in overrides:
-      config = config_lib.merge(config, config_lib.parse_override(text))
+    config = config_lib.apply_overrides(
+        config_lib.fill_defaults(config_lib.load(path / "config.json")), overrides)
     return cls.create(path, config) if overrides else cls(path, config)
 
   @functools.cached_property
