@@ -98,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
         "estimator": "kernel",
         "features": 512,
         "marginal_features": 0,
+        "interaction": False,
         "null_perms": 1,
         "projection": "none",
         "epsilon": 0.5,
@@ -267,6 +268,9 @@ DESCRIPTIONS: dict[str, str] = {
                                  "kernel, additive over coordinates: it sees each coordinate's "
                                  "own class-conditional distribution, which trees splitting on "
                                  "single coordinates read (docs/findings.md); 0 = none",
+    "unlearn.interaction": "two more linear kernels, on the centred rows scaled by their "
+                           "standardised norms (the row's own and the original row's): a "
+                           "class shift that follows the norm (docs/findings.md)",
     "unlearn.null_perms": "label permutations averaged for the null level",
     "unlearn.projection": "`ball`: after every step the table is projected back onto the L2 "
                           "ball of radius `epsilon` around E0 (the paper's utility guard; "

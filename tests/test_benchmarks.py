@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks.brick_interference import match_covariances, polish
 from benchmarks.brick_retention import VARIANTS, brick_reads
-from benchmarks import judge
+from benchmarks import judge, norm_interaction
 from benchmarks.retention_protocol import reads
 from lego_jax.errors import LegoError
 from lego_jax.requests import Unlearner
@@ -76,6 +76,42 @@ def test_judge_main_reads_each_table_and_its_rotation(tmp_path):
   out = judge.main([f, "--rotate", "--judges", "logreg", "--json"])
   assert set(out) == {f, f + " (rotated)"}
   assert set(out[f]) == {"gender"} and set(out[f]["gender"]) == {"logreg"}
+
+
+def _norm_scaled(n=1200, d=8, seed=5):
+  """An original table whose class signal grows with the row norm, and that
+  table less one class shift the same for every user (class means agree)."""
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(0, 2, n)
+  scale = rng.uniform(0.5, 2.0, n)
+  sign = np.where(codes == 1, 1.0, -1.0)
+  x0 = rng.normal(size=(n, d)) * scale[:, None]
+  x0[:, 0] += sign * scale
+  x = x0.copy()
+  for c in (0, 1):
+    x[codes == c] -= x0[codes == c].mean(0) - x0.mean(0)
+  return x0, x, codes
+
+
+def test_norm_ranges_show_a_class_shift_that_ignores_the_norm():
+  x0, x, codes = _norm_scaled()
+  r0 = norm_interaction.row_norm(x0)
+  assert norm_interaction.separation(x, codes) < 0.01      # overall the classes agree
+  cells = norm_interaction.by_norm(x, codes, r0, bins=3, perms=10)
+  assert [c["users"] for c in cells] == [400, 400, 400]
+  assert cells[0]["ratio"] > 3 and cells[2]["ratio"] > 3, cells   # light and heavy users
+  null = norm_interaction.by_norm(x, np.random.default_rng(2).permutation(codes), r0, perms=10)
+  assert all(0.5 < c["ratio"] < 2 for c in null), null
+
+
+def test_norm_interaction_main_reads_original_and_own_norm(tmp_path):
+  x0, x, codes = _norm_scaled(n=300, d=4)
+  orig, table = str(tmp_path / "o.npz"), str(tmp_path / "t.npz")
+  np.savez(orig, embeddings=x0.astype(np.float32), attr_gender=codes)
+  np.savez(table, embeddings=x.astype(np.float32), attr_gender=codes)
+  out = norm_interaction.main([table, "--original", orig, "--perms", "3", "--json"])
+  assert set(out) == {orig, table}
+  assert set(out[table]["gender"]) == {"original norm", "own norm"}
 
 
 @pytest.mark.slow

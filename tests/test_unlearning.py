@@ -322,6 +322,42 @@ def test_marginal_kernel_reads_a_single_coordinates_shape():
   assert ratio[-1] > 5 and ratio[-1] > 3 * ratio[1:-1].max(), ratio
 
 
+def _norm_scaled_shift(n=600, seed=14):
+  """Rows whose class shift grows with the original row's norm and averages
+  zero: what a class shift that is the same for every user leaves (ML-1M MF,
+  docs/findings.md). Returns (original, table, labels (1, n))."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 2, n)
+  scale = rng.uniform(0.5, 1.5, n)
+  e0 = rng.normal(size=(n, 8)) * scale[:, None]
+  shift = np.zeros((n, 8))
+  shift[:, 0] = (scale - scale.mean()) * np.where(y == 1, 1.0, -1.0) * 3.0
+  return (jnp.asarray(e0, jnp.float32), jnp.asarray(e0 + shift, jnp.float32),
+          jnp.asarray(y)[None])
+
+
+def test_interaction_kernels_read_a_class_shift_that_follows_the_norm():
+  e0, table, y = _norm_scaled_shift()
+  users = jnp.arange(table.shape[0])
+  plain = calibration.Spec(num_classes=2, bandwidths=())
+  spec = dataclasses.replace(plain, interaction=True)
+  mi, null, _ = plain.mi(jax.random.PRNGKey(0), table, users, y, e0=e0)
+  chex.assert_shape([mi, null], (1, 1))
+  assert float(mi[0, 0] / null[0, 0]) < 3         # the class means agree
+  mi, null, excess = spec.mi(jax.random.PRNGKey(0), table, users, y, e0=e0)
+  chex.assert_shape([mi, null], (1, 3))            # linear, original norm, own norm
+  ratio = np.asarray(mi[0] / null[0])
+  assert ratio[1] > 5 and ratio[2] > 5, ratio
+  # Without the original table the row's own norm stands in for it.
+  mi, null, _ = spec.mi(jax.random.PRNGKey(0), table, users, y)
+  chex.assert_shape(mi, (1, 3))
+  assert float(mi[0, 1] / null[0, 1]) > 5
+  # On labels that carry nothing, nothing is read.
+  perm = jnp.asarray(np.random.default_rng(0).permutation(np.asarray(y[0])))[None]
+  mi, null, _ = spec.mi(jax.random.PRNGKey(0), table, users, perm, e0=e0)
+  assert float(np.max(np.asarray(mi[0] / null[0]))) < 5
+
+
 def test_an_estimate_without_any_kernel_is_a_config_error():
   with pytest.raises(LegoError, match="needs a kernel"):
     calibration.Spec(num_classes=2, linear_kernel=False, bandwidths=())
@@ -493,6 +529,25 @@ def test_loss_and_calibrator_options_run_and_reduce_leak(loss, calibrator):
   e0 = np.asarray(target.e0)
   assert np.isfinite(np.asarray(brick)).all()
   assert gap(e0 + np.asarray(brick)) < 0.7 * gap(e0)
+
+
+def test_calibration_with_the_interaction_kernels_removes_a_norm_following_shift():
+  _, table, y = _norm_scaled_shift()
+  target, _, score = problem(n=table.shape[0], d=8)   # its top-T lists; no ranking weight
+  target = target._replace(e0=table)
+  spec = calibration.Spec(num_classes=2, steps=60, batch_users=0, bandwidths=(),
+                          interaction=True)
+  hp = calibration.HParams(1.0, 0.0, 0.0, 0.05)
+  brick, _, _ = calibration.calibrate_one(target, y[0], hp, attribute_key(0, "a"), spec=spec,
+                                          score_fn=score)
+  users = jnp.arange(table.shape[0])
+
+  def ratio(e):   # each kernel's estimate over its permuted-label level
+    mi, null, _ = spec.mi(jax.random.PRNGKey(1), e, users, y, e0=table)
+    return np.asarray(mi[0] / null[0])
+  before, after = ratio(table), ratio(table + brick)
+  assert np.isfinite(np.asarray(brick)).all()
+  assert after[2] < 0.5 * before[2], (before, after)   # the shift along the row's own norm
 
 
 @pytest.mark.slow
@@ -761,6 +816,31 @@ def test_polish_adds_the_stored_gain_of_the_move_for_the_attributes_above_target
   from lego_jax import runner
   _, _, text = runner._status(u, False)
   assert (f"polish of gender, age at {polish['gain']:.2f}" in text(u.status()))
+
+
+def test_the_combination_reports_leakage_read_on_folds_the_loop_did_not_choose_by(fresh_workdir):
+  wd = Workdir.open(fresh_workdir)
+  u = Unlearner(wd, progress=False)
+  calls, real = [], u._read
+
+  def recording_read(tables, names, probes=None, seeds=None, purpose="control"):
+    reading = real(tables, names, probes, seeds, purpose)
+    calls.append((purpose, np.array(tables, copy=True), reading))
+    return reading
+  u._read = recording_read
+  table = u.unlearn(["gender", "age"])
+  purpose, read_table, reading = calls[-1]
+  assert purpose == "report" and all(p == "control" for p, _, _ in calls[:-1])
+  np.testing.assert_array_equal(read_table, table)      # the kept table, read once afresh
+  meta = u.status()["combination"]
+  assert meta["leakage"] == reading.report(["gender", "age"])
+  assert set(meta["leakage_steered"]) == {"gender", "age"}
+  assert meta["leakage_steered"] != meta["leakage"]
+  # Other folds, other numbers: the report is not the loop's reading again.
+  again = real(table, ["gender", "age"], purpose="report")
+  np.testing.assert_array_equal(again.signed, reading.signed)            # deterministic
+  other = real(table, ["gender", "age"])
+  assert not np.array_equal(other.signed, reading.signed)
 
 
 def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fresh_workdir):

@@ -52,6 +52,7 @@ class Spec:
   estimator: str = "kernel"   # kernel (B x B matrices) | features (random Fourier features)
   features: int = 512         # random features per bandwidth
   marginal_features: int = 0   # the additive per-coordinate kernel's features (0 = none)
+  interaction: bool = False   # linear kernels on the rows scaled by their norms (see `mi`)
   hinge: str = "kernel"       # each kernel stopped at its own null | "sum" of kernels
   null_perms: int = 1         # permutations averaged for the null level
   projection: str = "none"    # ball: after every step, back onto the L2 ball around E0
@@ -103,7 +104,7 @@ class Spec:
     return cls(num_classes=num_classes, chunk=chunk, parts=tuple(parts),
                rank=any(float(w) > 0 for w in weights), **kw)
 
-  def mi(self, key, table, users, labels, units=None):
+  def mi(self, key, table, users, labels, units=None, e0=None):
     """MI estimate, null level and penalised excess (see `losses`) per attribute.
 
     `labels` (A, n) in `table` (n, D), estimated on the rows `users`, with
@@ -113,6 +114,15 @@ class Spec:
     costs O(n D), and its null level falls with n: the batch's null is high
     enough to stop while a probe trained on thousands of users still reads
     the class means.
+
+    With `interaction`, two more linear kernels compare the class means of
+    the centred rows scaled by each row's standardised norm: its own, and
+    that of the row the calibration started from (`e0`; without it, its own
+    twice). A class shift that is the same for every user removes a signal
+    that grows with the row's norm on average only: light users are moved
+    past chance, heavy ones not far enough, and the class means per norm
+    range differ while the overall ones agree (ML-1M MF: docs/findings.md,
+    session 17). Trees and nearest neighbours read that.
     """
     if units is not None:
       table = table / units
@@ -130,6 +140,14 @@ class Spec:
           key, e, ys, ms, estimator=self.estimator, exponents=self.bandwidths,
           linear=self.linear_kernel and not population, centre=self.centre,
           n_features=self.features, marginal=self.marginal_features, **kw))
+    if self.interaction:
+      centred = e - jnp.mean(e, axis=0)
+      for rows in (e if e0 is None else e0[users], e):
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(rows - jnp.mean(rows, axis=0), axis=-1))
+        scaled = centred * ((norm - jnp.mean(norm)) / jnp.maximum(jnp.std(norm), 1e-12))[:, None]
+        key, k_int = jax.random.split(key)
+        parts.append(losses.mi_estimate(k_int, scaled, ys, ms, estimator="features",
+                                        exponents=(), linear=True, **kw))
     mi, null = (jnp.concatenate(x, -1) for x in zip(*parts))
     return mi, null, losses.excess_mi(mi, null, self.stop, self.hinge)
 
@@ -328,7 +346,7 @@ def run_steps(state: State, y, hp: HParams, target: Target, *, spec: Spec, score
       mi_term = jnp.sum(mi)
     else:
       # Pushing the estimate below its permuted-label level is the overshoot of §7.
-      mi, null, excess = spec.mi(k_mi, table, users, ys, u)
+      mi, null, excess = spec.mi(k_mi, table, users, ys, u, e0)
       mi, null = mi.sum(-1), null.sum(-1)
       mi_term = jnp.sum(excess)
     rank = (losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)

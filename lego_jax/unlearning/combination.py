@@ -135,7 +135,7 @@ def fit(target, bricks, labels, active, key, hp: HParams, *, spec: Spec,
                                     labels[:, users])
       null, gap = jnp.zeros_like(mi), mi
     else:
-      mi, null, gap = spec.mi.mi(k_mi, table, users, labels, u)
+      mi, null, gap = spec.mi.mi(k_mi, table, users, labels, u, e0)
     rank = (losses.rank_hinge(score_fn(table, users, topk[users]) / scale, spec.margin, spec.guard)
             if spec.rank else jnp.zeros((), table.dtype))
     total = hp.w_mi * jnp.sum(gap * active) + hp.lam_rank * rank
