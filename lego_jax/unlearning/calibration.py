@@ -126,6 +126,7 @@ class Spec:
     """
     if units is not None:
       table = table / units
+      e0 = None if e0 is None else e0 / units
     e, ys = table[users], labels[:, users]
     ms = (ys >= 0).astype(e.dtype)
     population = self.linear_kernel and self.linear_scope == "population"
