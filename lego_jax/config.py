@@ -116,7 +116,8 @@ DEFAULTS: dict[str, Any] = {
         "max_gain": 4.0,
         "residual_means": True,
         "polish_steps": 100,
-        "mean_share": 1.0,
+        "null_means": True,
+        "mean_share": 0.75,
         "per_attribute": {},
     },
     "combine": {
@@ -319,12 +320,17 @@ DESCRIPTIONS: dict[str, str] = {
                             "(0 to 1) where lines through the probes' readings put the worst "
                             "attribute closest to chance, kept only where no attribute reads "
                             "further from chance (docs/method.md)",
+    "unlearn.null_means": "last, scale each class's mean deviation (per attribute and class) "
+                          "to its size under permuted labels, both ways: class means "
+                          "equalised in sample read below chance to a cross-fitted attacker "
+                          "(docs/findings.md)",
     "unlearn.mean_share": "below 1, the combined table is first tried at this share of "
                           "every brick's class-mean part, finished by the class-mean step "
                           "and the polish, and kept where every attribute then reads within "
-                          "twice the target above the floor: more utility (0.75 on ML-1M "
-                          "MF: 0.968 test retention against 0.941), more for independent "
-                          "judges to read (docs/findings.md); 1 = off",
+                          "twice the target above the floor: the bricks' rigid class shifts "
+                          "cross and cost utility; `null_means` sizes what a share leaves "
+                          "(ML-1M MF: 0.963 test retention against 0.944 at 1, the judges "
+                          "alike; docs/findings.md); 1 = off",
     "unlearn.per_attribute": "per-attribute `w_mi`, `lam_rank`, `l2`, `lr`, keyed by "
                              "attribute name (`--set unlearn.per_attribute.age.l2=1`)",
 

@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks.brick_interference import match_covariances, polish
 from benchmarks.brick_retention import VARIANTS, brick_reads
-from benchmarks import judge, norm_interaction
+from benchmarks import judge, norm_interaction, null_means
 from benchmarks.retention_protocol import reads
 from lego_jax.errors import LegoError
 from lego_jax.requests import Unlearner
@@ -112,6 +112,27 @@ def test_norm_interaction_main_reads_original_and_own_norm(tmp_path):
   out = norm_interaction.main([table, "--original", orig, "--perms", "3", "--json"])
   assert set(out) == {orig, table}
   assert set(out[table]["gender"]) == {"original norm", "own norm"}
+
+
+def test_null_means_reads_sizes_and_writes_the_sized_table(tmp_path):
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 3, 600)
+  leak = (rng.normal(size=(600, 6)) + rng.normal(size=(3, 6))[codes]).astype(np.float32)
+  f = str(tmp_path / "t.npz")
+  np.savez(f, embeddings=leak, attr_age=codes, attr_age_classes=np.array(["a", "b", "c"]))
+  out = null_means.main([f, "--out", str(tmp_path / "sized"), "--json"])
+  assert out[f]["age"]["before"] > 20 and 0.8 < out[f]["age"]["after"] < 1.25
+  written = np.load(tmp_path / "sized" / "t.npz")
+  np.testing.assert_array_equal(written["attr_age"], codes)
+  assert null_means.size_ratio(written["embeddings"], codes) == pytest.approx(
+      out[f]["age"]["after"])
+
+
+def test_null_means_simulation_reads_removed_class_means_below_chance():
+  out = null_means.main(["--simulate", "--users", "1000", "--dims", "16", "--runs", "2",
+                         "--json"])
+  assert out["class means removed"]["signed"] < -0.05 and out["class means removed"]["size"] < 0.01
+  assert abs(out["null_means"]["signed"]) < 0.04 and 0.8 < out["null_means"]["size"] < 1.25
 
 
 @pytest.mark.slow

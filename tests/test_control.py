@@ -209,3 +209,54 @@ def test_the_floor_keeps_the_step_closest_to_chance_that_keeps_it_else_the_loops
   assert asked == [0.75, 0.5, 0.25]
   np.testing.assert_array_equal(gains, best)
   assert ret == 0.90
+
+
+def _class_ratio(x, y, c):
+  """Each class's n_c m_c' S^-1 m_c over its mean under 32 label permutations."""
+  rng = np.random.default_rng(99)
+  w = np.linalg.inv(np.linalg.cholesky(np.cov(x, rowvar=False))).T
+
+  def stat(codes):
+    return np.array([(codes == k).sum() * np.sum(((x[codes == k].mean(0) - x.mean(0)) @ w) ** 2)
+                     for k in range(c)])
+  return stat(y) / np.mean([stat(rng.permutation(y)) for _ in range(32)], 0)
+
+
+def test_null_means_set_class_means_to_their_permuted_label_size_both_ways():
+  rng = np.random.default_rng(0)
+  n, d = 3000, 12
+  y = rng.choice(3, n, p=[0.2, 0.3, 0.5])
+  noise = rng.normal(size=(n, d))
+  means = np.stack([noise[y == k].mean(0) for k in range(3)])
+  equalised = (noise - means[y]).astype(np.float32)            # an overshoot: means equal in sample
+  planted = (noise + 0.5 * rng.normal(size=(3, d))[y]).astype(np.float32)   # under-removal
+  for table in (equalised, planted):
+    before = _class_ratio(table.astype(np.float64), y, 3)
+    out = control.null_means(table, y[None], [3], seed=1)
+    after = _class_ratio(out.astype(np.float64), y, 3)
+    assert np.all((before < 0.05) | (before > 20))
+    np.testing.assert_array_less(np.abs(np.log(after)), np.log(1.5))
+    moved = out - table                           # one shift per class: the shapes are untouched
+    for k in range(3):
+      np.testing.assert_allclose(moved[y == k], moved[y == k][:1].repeat((y == k).sum(), 0),
+                                 atol=1e-5)
+    np.testing.assert_array_equal(out, control.null_means(table, y[None], [3], seed=1))
+
+
+def test_null_means_take_a_cross_fitted_probe_from_below_chance_to_chance():
+  # Class means removed in sample: a probe fitted on the other folds learns
+  # the mirror image of the held-out fold's deviation and reads below chance.
+  rng = np.random.default_rng(1)
+  n, d = 2400, 24
+  y = (rng.random(n) < 0.3).astype(np.int32)
+  noise = rng.normal(size=(n, d))
+  means = np.stack([noise[y == k].mean(0) for k in range(2)])
+  table = (noise - means[y]).astype(np.float32)
+  cfg = {"hidden": 32, "l2": 1e-3, "lr": 1e-2, "steps": 200, "val_frac": 0.0, "folds": 5,
+         "paper_splits": 4, "paper_train_frac": 0.2}
+
+  def signed(x):
+    return np.mean([control.read(x[None], y[None], [2], probes=("linear",), seed=s, config=cfg,
+                                 names=["a"]).signed[0, 0] for s in range(3)])
+  assert signed(table) < -0.03
+  assert abs(signed(control.null_means(table, y[None], [2], seed=0))) < 0.02

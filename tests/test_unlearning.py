@@ -750,9 +750,10 @@ def test_residual_means_take_back_the_stored_share_of_the_combined_class_means(f
   from lego_jax.unlearning import control
   wd = Workdir.open(fresh_workdir)
   names = ["gender", "age"]
-  plain = Unlearner(wd, progress=False).unlearn(names)
-  config = {**wd.config, "unlearn": {**wd.config["unlearn"], "residual_means": True,
-                                     "target_leakage": 0.0}}
+  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False}}
+  plain = Unlearner(wd, progress=False, config=unsized).unlearn(names)
+  config = {**unsized, "unlearn": {**unsized["unlearn"], "residual_means": True,
+                                   "target_leakage": 0.0}}
   u = Unlearner(wd, progress=False, config=config)
   table = u.unlearn(names)                               # bricks reused, recombined
   shares = u.status()["combination"]["residual_means"]
@@ -763,6 +764,22 @@ def test_residual_means_take_back_the_stored_share_of_the_combined_class_means(f
   expected = plain - np.tensordot(np.asarray([shares[n] for n in names], plain.dtype), parts, 1)
   np.testing.assert_allclose(table, expected, atol=1e-5)
   np.testing.assert_allclose(u.table("combined"), table, atol=1e-6)
+
+
+def test_the_kept_table_has_every_class_mean_at_its_permuted_label_size(fresh_workdir):
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  table = np.asarray(Unlearner(wd, progress=False).unlearn(names), np.float64)
+  labels, num_classes = wd.labels(names)
+  rng = np.random.default_rng(5)
+  for y, c in zip(np.asarray(labels), num_classes):
+    w = np.linalg.inv(np.linalg.cholesky(np.cov(table, rowvar=False))).T
+
+    def size(codes):
+      return np.array([(codes == k).sum() * np.sum(
+          ((table[codes == k].mean(0) - table.mean(0)) @ w) ** 2) for k in range(c)])
+    ratio = size(y) / np.mean([size(rng.permutation(y)) for _ in range(64)], 0)
+    assert np.all((ratio > 0.6) & (ratio < 1.6)), ratio
 
 
 def test_residual_means_take_back_per_attribute_the_share_the_probes_read_best(fresh_workdir):
@@ -860,7 +877,8 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
     gain = np.linalg.norm(table - plain) / np.linalg.norm(move)
     signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, 0.03 * (1 - gain / 0.4)], (2, 1))
     return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
-  u = Unlearner(wd, progress=False)
+  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False}}
+  u = Unlearner(wd, progress=False, config=unsized)
   u._read, u.polish_move, u.retention = fake_read, fake_move, lambda t: 0.99
   reading = fake_read(plain, names)
   table, polish, after, ret = u._polish(names, plain, reading, None, None, 0.95, 1.0)
@@ -874,6 +892,13 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
   kept = u._polish(names, plain, reading, None, None, 0.95, 1.0)
   np.testing.assert_array_equal(kept[0], plain)
   assert kept[1]["gain"] == 0.0 and kept[3] == 1.0
+  # With `null_means` every polished table is read, and kept, with its class means sized.
+  sized = Unlearner(wd, progress=False)
+  sized._read, sized.polish_move, sized.retention = fake_read, fake_move, lambda t: 0.99
+  table, polish, _, _ = sized._polish(names, plain, reading, None, None, 0.95, 1.0)
+  assert polish["gain"] > 0
+  np.testing.assert_allclose(table, sized.null_means(plain + polish["gain"] * move, names),
+                             atol=1e-5)
 
 
 def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh_workdir):
@@ -891,7 +916,7 @@ def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh
     signed = np.tile([0.04 * (1 - gain / 0.3), 0.02 * (1 - gain / 0.3)], (2, 1))
     return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
   config = {**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": 0.5,
-                                     "residual_means": False}}
+                                     "residual_means": False, "null_means": False}}
   u = Unlearner(wd, progress=False, config=config)
   u._read, u.polish_move, u.retention = fake_read, lambda t, w, s=None: move, lambda t: 0.99
   gains, (table, shares, polish, after, ret) = u._lighter_means(names, table_at, None, None,
