@@ -286,9 +286,9 @@ class Unlearner:
     the class-mean step and the polish (`_finish`); with `unlearn.mean_share`
     < 1, the table at that share of the class-mean parts, finished, is tried
     first (`_lighter_means`); last, each attribute's class means are set to
-    their permuted-label size (`null_means`). Where the target and the floor cannot both
-    hold, the best table that keeps the floor is kept and the report says
-    which attribute is left, how far, at what retention. The leakage it
+    their permuted-label size (`null_means`). Where the target and the
+    floor cannot both hold, the best table that keeps the floor is kept and
+    the report says which attribute is left, how far, at what retention. The leakage it
     reports is read on folds the loop never compared gains on
     (`leakage_steered`: what the loop itself read).
     """

@@ -226,8 +226,8 @@ def null_means(table: np.ndarray, labels: np.ndarray, num_classes: Sequence[int]
   Class means made equal in sample are not what an independent table has:
   an attacker fitted on some folds then learns the mirror image of the
   held-out fold's deviation and reads below chance (isotropic noise, n =
-  6040, D = 64: a linear probe at -0.089 once the class means are removed,
-  -0.003 at this size; docs/findings.md). The size is n_c m_c' S^-1 m_c, for
+  6040, D = 64: a linear probe at -0.090 once the class means are removed,
+  -0.002 at this size; docs/findings.md). The size is n_c m_c' S^-1 m_c, for
   the deviation m_c of class c's mean row from the labelled users' and S
   their covariance within classes; over permutations of the N labelled
   users' codes its mean is (1 - n_c / N) D N / (N - 1) where the classes
