@@ -33,23 +33,32 @@ from lego_jax.report import format_table  # noqa: E402
 from lego_jax.unlearning import control  # noqa: E402
 
 
-def size_ratio(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0) -> float:
-  """Summed class-mean size of `codes` (-1 = missing) in `x` over its permuted-label mean."""
+def class_sizes(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Each class's n_c m_c' S^-1 m_c in `x` for `codes` (-1 = missing), and its
+  mean over `perms` label permutations: (C,) each, estimated afresh rather
+  than by `control.null_means`'s closed form, so that it checks it."""
   lab = codes >= 0
   rows, y = np.asarray(x, np.float64)[lab], codes[lab]
   c = int(y.max()) + 1
   counts = np.bincount(y, minlength=c)
 
-  def size(y):
+  def deviations(y):
     dev = np.stack([rows[y == k].mean(0) if counts[k] else rows.mean(0) for k in range(c)])
     return dev - rows.mean(0)
-  dev = size(y)
+  dev = deviations(y)
   vals, vecs = np.linalg.eigh(np.cov(rows - rows.mean(0) - dev[y], rowvar=False))
   keep = vals > 1e-9 * vals.max()
   w = vecs[:, keep] / np.sqrt(vals[keep])
-  total = lambda d: float(np.sum(counts * ((d @ w) ** 2).sum(1)))
+  size = lambda d: counts * ((d @ w) ** 2).sum(1)
   rng = np.random.default_rng(seed)
-  return total(dev) / np.mean([total(size(rng.permutation(y))) for _ in range(perms)])
+  return size(dev), np.mean([size(deviations(rng.permutation(y))) for _ in range(perms)], 0)
+
+
+def size_ratio(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0) -> float:
+  """Summed class-mean size of `codes` in `x` over its permuted-label mean."""
+  observed, null = class_sizes(x, codes, perms, seed)
+  return float(observed.sum() / null.sum())
 
 
 def _linear_cv(x, y, seed):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from benchmarks.null_means import class_sizes
 from lego_jax.unlearning import control
 
 
@@ -211,15 +212,9 @@ def test_the_floor_keeps_the_step_closest_to_chance_that_keeps_it_else_the_loops
   assert ret == 0.90
 
 
-def _class_ratio(x, y, c):
-  """Each class's n_c m_c' S^-1 m_c over its mean under 32 label permutations."""
-  rng = np.random.default_rng(99)
-  w = np.linalg.inv(np.linalg.cholesky(np.cov(x, rowvar=False))).T
-
-  def stat(codes):
-    return np.array([(codes == k).sum() * np.sum(((x[codes == k].mean(0) - x.mean(0)) @ w) ** 2)
-                     for k in range(c)])
-  return stat(y) / np.mean([stat(rng.permutation(y)) for _ in range(32)], 0)
+def _class_ratio(x, y):
+  observed, null = class_sizes(x, y)
+  return observed / null
 
 
 def test_null_means_set_class_means_to_their_permuted_label_size_both_ways():
@@ -231,9 +226,9 @@ def test_null_means_set_class_means_to_their_permuted_label_size_both_ways():
   equalised = (noise - means[y]).astype(np.float32)            # an overshoot: means equal in sample
   planted = (noise + 0.5 * rng.normal(size=(3, d))[y]).astype(np.float32)   # under-removal
   for table in (equalised, planted):
-    before = _class_ratio(table.astype(np.float64), y, 3)
+    before = _class_ratio(table, y)
     out = control.null_means(table, y[None], [3], seed=1)
-    after = _class_ratio(out.astype(np.float64), y, 3)
+    after = _class_ratio(out, y)
     assert np.all((before < 0.05) | (before > 20))
     np.testing.assert_array_less(np.abs(np.log(after)), np.log(1.5))
     moved = out - table                           # one shift per class: the shapes are untouched
