@@ -116,6 +116,7 @@ DEFAULTS: dict[str, Any] = {
         "max_gain": 4.0,
         "residual_means": True,
         "polish_steps": 100,
+        "null_shapes": False,
         "null_means": True,
         "mean_share": 0.75,
         "per_attribute": {},
@@ -320,6 +321,13 @@ DESCRIPTIONS: dict[str, str] = {
                             "(0 to 1) where lines through the probes' readings put the worst "
                             "attribute closest to chance, kept only where no attribute reads "
                             "further from chance (docs/method.md)",
+    "unlearn.null_shapes": "last, before `null_means`: per attribute, class and coordinate, "
+                           "bring the class's shape (its values about its mean) to its "
+                           "permuted-label distance from the pooled one, the share taken "
+                           "replaced by a permutation's draw (each user keeps their rank in "
+                           "their class): what gradient-boosted trees read once the class "
+                           "means are sized; off by default: the project's attackers then "
+                           "read some tables below chance (docs/findings.md)",
     "unlearn.null_means": "last, scale each class's mean deviation (per attribute and class) "
                           "to its size under permuted labels, both ways: class means "
                           "equalised in sample read below chance to a cross-fitted attacker "

@@ -285,8 +285,9 @@ class Unlearner:
     Gains on the bricks' parts searched by the probes (`control.solve`), then
     the class-mean step and the polish (`_finish`); with `unlearn.mean_share`
     < 1, the table at that share of the class-mean parts, finished, is tried
-    first (`_lighter_means`); last, each attribute's class means are set to
-    their permuted-label size (`null_means`). Where the target and the
+    first (`_lighter_means`); last, each attribute's class statistics are set
+    to their permuted-label size (`null_sized`: every coordinate's
+    class-conditional shape, then the class means). Where the target and the
     floor cannot both hold, the best table that keeps the floor is kept and
     the report says which attribute is left, how far, at what retention. The leakage it
     reports is read on folds the loop never compared gains on
@@ -315,9 +316,13 @@ class Unlearner:
       table, shares, polish, reading, ret = self._finish(
           active, table_at(gains), control.reading_at(history, gains, False), seeds, seed,
           floor, ret, weights)
-    if self.cfg["null_means"]:
-      table = self.null_means(table, active, seed)
+    if self.cfg["null_shapes"] or self.cfg["null_means"]:
+      table = self.null_sized(table, active, seed)
       ret = self.retention(table)
+      if ret < floor:
+        warnings.append(f"the table with its class statistics at their permuted-label size "
+                        f"keeps validation NDCG@10 retention {ret:.3f}, under the utility "
+                        f"floor {floor:.2f}")
     # The loop kept the table whose reading came closest to chance among those
     # it compared, on the same folds: the luckiest draw. Folds it never saw
     # report it (ML-1M NCF: the loop read gender's linear probe at -0.020,
@@ -353,14 +358,22 @@ class Unlearner:
                                                  min(floor, ret), ret, weights)
     return table, shares, polish, reading, ret
 
-  def null_means(self, table, names, seed=None) -> np.ndarray:
-    """`unlearn.null_means`: `table` with each attribute's class means at their
-    permuted-label size (`control.null_means`), seeded by `seed` (default this
-    config's). Applied last, so no step after it equalises them again."""
+  def null_sized(self, table, names, seed=None) -> np.ndarray:
+    """`table` with each attribute's class statistics at their permuted-label
+    size: every coordinate's class-conditional shape (`unlearn.null_shapes`,
+    `control.null_shapes`), then the class means (`unlearn.null_means`,
+    `control.null_means`); seeded by `seed` (default this config's). Applied
+    last, so no step after it equalises them again."""
     labels, num_classes = self.wd.labels(names)
-    seed = self.config["seed"] if seed is None else seed
-    return control.null_means(sharding.to_host(table), np.asarray(labels), num_classes,
-                              seed=int(attribute_key(int(seed), "null_means")[-1]))
+    labels, seed = np.asarray(labels), self.config["seed"] if seed is None else seed
+    table = sharding.to_host(table)
+    if self.cfg["null_shapes"]:
+      table = control.null_shapes(table, labels, num_classes,
+                                  seed=int(attribute_key(int(seed), "null_shapes")[-1]))
+    if self.cfg["null_means"]:
+      table = control.null_means(table, labels, num_classes,
+                                 seed=int(attribute_key(int(seed), "null_means")[-1]))
+    return table
 
   def _lighter_means(self, active, table_at, seeds, seed, floor, weights=None):
     """`unlearn.mean_share` < 1: the combined table with that share of each
@@ -454,8 +467,8 @@ class Unlearner:
     # Read as it will be kept: a polish that equalises class means in sample
     # reads below chance until `null_means` sizes them (ML-1M MF gain 1:
     # linear gender -0.057), which would stop it short of the shapes.
-    final = ((lambda t: self.null_means(t, active, seed)) if self.cfg["null_means"]
-             else (lambda t: t))
+    final = ((lambda t: self.null_sized(t, active, seed))
+             if self.cfg["null_shapes"] or self.cfg["null_means"] else (lambda t: t))
 
     def read(gain):
       r = self._read(final(table + gain * move), active, seeds=seeds)

@@ -78,6 +78,30 @@ def test_judge_main_reads_each_table_and_its_rotation(tmp_path):
   assert set(out[f]) == {"gender"} and set(out[f]["gender"]) == {"logreg"}
 
 
+def test_judge_over_seeds_is_the_mean_of_each_seeds_reading():
+  x, codes = _axis_signal(n=400, d=4)
+  runs = [judge.judge(x, codes, ("logreg",), seed=s)["logreg"]["signed"] for s in (4, 5, 6)]
+  over = judge.judge(x, codes, ("logreg",), seed=4, seeds=3)["logreg"]
+  assert over["signed"] == pytest.approx(np.mean(runs))
+  assert over["ci95"][0] < over["signed"] < over["ci95"][1]
+  assert len(set(runs)) > 1          # the seeds down-sample and fold differently
+
+
+def test_judge_labels_mode_judges_each_table_under_its_own_seeds(tmp_path):
+  """Tables labelled by one export must not share one down-sampling: their
+  mean would then carry that down-sampling's luck in every term."""
+  x, codes = _axis_signal(n=400, d=4)
+  tables, labels = str(tmp_path / "tables.npz"), str(tmp_path / "labels.npz")
+  np.savez(tables, run0=x, run1=x)
+  np.savez(labels, embeddings=x, attr_gender=codes)
+  out = judge.main([tables, "--labels", labels, "--judges", "logreg", "--json"])
+  first = out[f"{tables}:run0"]["gender"]["logreg"]["signed"]
+  second = out[f"{tables}:run1"]["gender"]["logreg"]["signed"]
+  assert first == judge.judge(x, codes, ("logreg",), seed=1)["logreg"]["signed"]
+  assert second == judge.judge(x, codes, ("logreg",), seed=2)["logreg"]["signed"]
+  assert first != second
+
+
 def _norm_scaled(n=1200, d=8, seed=5):
   """An original table whose class signal grows with the row norm, and that
   table less one class shift the same for every user (class means agree)."""

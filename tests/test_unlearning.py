@@ -754,7 +754,8 @@ def test_residual_means_take_back_the_stored_share_of_the_combined_class_means(f
   from lego_jax.unlearning import control
   wd = Workdir.open(fresh_workdir)
   names = ["gender", "age"]
-  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False}}
+  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
+                                        "null_shapes": False}}
   plain = Unlearner(wd, progress=False, config=unsized).unlearn(names)
   config = {**unsized, "unlearn": {**unsized["unlearn"], "residual_means": True,
                                    "target_leakage": 0.0}}
@@ -780,6 +781,34 @@ def test_the_kept_table_has_every_class_mean_at_its_permuted_label_size(fresh_wo
     observed, null = class_sizes(table, y, perms=64, seed=5)
     ratio = observed[null > 0] / null[null > 0]
     assert np.all((ratio > 0.6) & (ratio < 1.6)), ratio
+
+
+def test_null_sized_shapes_then_sizes_each_attributes_classes_as_configured(fresh_workdir):
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  labels, num_classes = wd.labels(names)
+  y, c = np.asarray(labels)[0], num_classes[0]
+  rng = np.random.default_rng(0)        # gender: one class spread wider on every coordinate
+  table = (rng.normal(size=(y.size, 6)) * np.where(y[:, None] == 1, 1.6, 1.0)).astype(np.float32)
+  known = y >= 0
+
+  def shape_ratio(t):
+    x = np.asarray(t, np.float64)[known]
+    size = lambda yy: control._sizes(control._shapes(x, yy, c)[0], c, x.var(0))
+    perm = np.random.default_rng(3)
+    return size(y[known]) / np.mean([size(perm.permutation(y[known])) for _ in range(32)], 0)
+
+  def config(**unlearn):
+    return {**wd.config, "unlearn": {**wd.config["unlearn"], **unlearn}}
+  shaped = Unlearner(wd, progress=False, config=config(null_shapes=True))
+  sized = shaped.null_sized(table, names)
+  assert np.median(shape_ratio(table)) > 3 and np.median(shape_ratio(sized)) < 1.5
+  np.testing.assert_array_equal(sized, shaped.null_sized(table, names))
+  means_only = Unlearner(wd, progress=False)                 # the default: class means only
+  assert np.median(shape_ratio(means_only.null_sized(table, names))) > 3   # class shifts only
+  off = Unlearner(wd, progress=False, config=config(null_shapes=False, null_means=False))
+  np.testing.assert_array_equal(off.null_sized(table, names), table)
 
 
 def test_residual_means_take_back_per_attribute_the_share_the_probes_read_best(fresh_workdir):
@@ -877,7 +906,8 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
     gain = np.linalg.norm(table - plain) / np.linalg.norm(move)
     signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, 0.03 * (1 - gain / 0.4)], (2, 1))
     return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
-  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False}}
+  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
+                                        "null_shapes": False}}
   u = Unlearner(wd, progress=False, config=unsized)
   u._read, u.polish_move, u.retention = fake_read, fake_move, lambda t: 0.99
   reading = fake_read(plain, names)
@@ -892,12 +922,12 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
   kept = u._polish(names, plain, reading, None, None, 0.95, 1.0)
   np.testing.assert_array_equal(kept[0], plain)
   assert kept[1]["gain"] == 0.0 and kept[3] == 1.0
-  # With `null_means` every polished table is read, and kept, with its class means sized.
+  # With `null_shapes` and `null_means` every polished table is read, and kept, sized.
   sized = Unlearner(wd, progress=False)
   sized._read, sized.polish_move, sized.retention = fake_read, fake_move, lambda t: 0.99
   table, polish, _, _ = sized._polish(names, plain, reading, None, None, 0.95, 1.0)
   assert polish["gain"] > 0
-  np.testing.assert_allclose(table, sized.null_means(plain + polish["gain"] * move, names),
+  np.testing.assert_allclose(table, sized.null_sized(plain + polish["gain"] * move, names),
                              atol=1e-5)
 
 
@@ -916,7 +946,8 @@ def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh
     signed = np.tile([0.04 * (1 - gain / 0.3), 0.02 * (1 - gain / 0.3)], (2, 1))
     return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
   config = {**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": 0.5,
-                                     "residual_means": False, "null_means": False}}
+                                     "residual_means": False, "null_means": False,
+                                     "null_shapes": False}}
   u = Unlearner(wd, progress=False, config=config)
   u._read, u.polish_move, u.retention = fake_read, lambda t, w, s=None: move, lambda t: 0.99
   gains, (table, shares, polish, after, ret) = u._lighter_means(names, table_at, None, None,
