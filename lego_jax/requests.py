@@ -285,9 +285,9 @@ class Unlearner:
     Gains on the bricks' parts searched by the probes (`control.solve`), then
     the class-mean step and the polish (`_finish`); with `unlearn.mean_share`
     < 1, the table at that share of the class-mean parts, finished, is tried
-    first (`_lighter_means`); last, each attribute's class statistics are set
-    to their permuted-label size (`null_sized`: every coordinate's
-    class-conditional shape, then the class means). Where the target and the
+    first (`_lighter_means`); last, each attribute's class means are set to
+    their permuted-label size, and with `unlearn.null_shapes` every
+    coordinate's class shapes before them (`null_sized`). Where the target and the
     floor cannot both hold, the best table that keeps the floor is kept and
     the report says which attribute is left, how far, at what retention. The leakage it
     reports is read on folds the loop never compared gains on
