@@ -217,6 +217,13 @@ def class_mean_parts(table: np.ndarray, labels: np.ndarray, num_classes: Sequenc
                   ).astype(np.asarray(table).dtype)
 
 
+def _class_means(rows: np.ndarray, y: np.ndarray, c: int) -> np.ndarray:
+  """(C, D) mean row of each class of codes `y` (0 .. c - 1; an empty class's is 0)."""
+  sums = np.zeros((c, rows.shape[1]))
+  np.add.at(sums, y, rows)
+  return sums / np.maximum(np.bincount(y, minlength=c), 1)[:, None]
+
+
 def null_means(table: np.ndarray, labels: np.ndarray, num_classes: Sequence[int], *,
                seed: int, rounds: int = 3) -> np.ndarray:
   """`table` (n, D) with each class's mean deviation set, per attribute and
@@ -250,10 +257,7 @@ def null_means(table: np.ndarray, labels: np.ndarray, num_classes: Sequence[int]
       rows, y = x[labelled], codes[labelled]
       counts = np.bincount(y, minlength=c).astype(np.float64)
 
-      def deviations(y):
-        sums = np.zeros((c, x.shape[1]))
-        np.add.at(sums, y, rows)
-        return sums / np.maximum(counts, 1.0)[:, None] - rows.mean(0)
+      deviations = lambda y: _class_means(rows, y, c) - rows.mean(0)
       dev = deviations(y)
       # S within classes: what the step leaves unchanged, so one pass lands.
       vals, vecs = np.linalg.eigh(np.cov(rows - rows.mean(0) - dev[y], rowvar=False))
@@ -279,10 +283,7 @@ def _shapes(rows: np.ndarray, y: np.ndarray, c: int):
   """Per class k (a dict): its rows' deviations from its mean, sorted per
   coordinate, less the pooled deviations' quantiles at the same ranks, (n_k,
   D); and those quantiles plus the class's mean (the shape's centre)."""
-  counts = np.maximum(np.bincount(y, minlength=c), 1)[:, None]
-  means = np.zeros((c, rows.shape[1]))
-  np.add.at(means, y, rows)
-  means /= counts
+  means = _class_means(rows, y, c)
   # Deviations from each row's own class mean: a pooled shape that held the
   # classes' mean differences would be wider than any class's.
   dev = rows - means[y]
@@ -327,11 +328,10 @@ def null_shapes(table: np.ndarray, labels: np.ndarray, num_classes: Sequence[int
   noise with the signal, and class shapes nearly equal in sample read
   below chance to cross-fitted trees (a planted spread, 2000 users: -0.08;
   with the draw -0.007); keeping sqrt(r) of the gap left ML-1M NCF's trees
-  at +0.029 (r: +0.026, none: +0.046). Each class's
-  new values are sorted and given to its users in their old order (every
-  user keeps their rank within their class, each class its mean); `rounds`
-  passes over the attributes let correlated ones settle; unlabelled users
-  do not move.
+  at +0.029 (r: +0.026, none: +0.046). Each class's new values are sorted
+  and given to its users in their old order (every user keeps their rank
+  within their class, each class its mean); `rounds` passes over the
+  attributes let correlated ones settle; unlabelled users do not move.
   """
   x = np.asarray(table, np.float64).copy()
   rng = np.random.default_rng(seed)
