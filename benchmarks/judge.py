@@ -10,9 +10,12 @@ and a "mean" row averages the signed leakage over the tables. Per
 attribute, classes are balanced by down-sampling (seeded) and each judge is
 trained from scratch in stratified 5-fold cross-validation: scikit-learn's
 gradient-boosted trees (HistGradientBoostingClassifier), an MLP of another
-size than lego-jax's (256-128, early stopping), logistic regression and a
-25-nearest-neighbour vote. None of them is a model family or a fold split
-that lego-jax's control loop uses. Reported: signed leakage BAcc - chance
+size than lego-jax's (256-128, early stopping), logistic regression, a
+25-nearest-neighbour vote and a Gaussian quadratic discriminant (each class
+its own Ledoit-Wolf covariance: it reads the classes' second moments).
+None of them is a model family or a fold split that lego-jax's control
+loop uses by default (its `quadratic` probe, which `unlearn.probes` can
+add, is QDA's family). Reported: signed leakage BAcc - chance
 with a 95% t-interval over the folds; positive = the attribute is still
 there, negative = an overshoot below chance.
 
@@ -41,10 +44,11 @@ import sys
 
 import numpy as np
 
-JUDGES = ("gbdt", "mlp256", "logreg", "knn25")
+JUDGES = ("gbdt", "mlp256", "logreg", "knn25", "qda")
 
 
 def _make(name: str, seed: int):
+  from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
   from sklearn.ensemble import HistGradientBoostingClassifier
   from sklearn.linear_model import LogisticRegression
   from sklearn.neighbors import KNeighborsClassifier
@@ -58,6 +62,9 @@ def _make(name: str, seed: int):
                                                         early_stopping=True, random_state=seed))
   if name == "logreg":
     return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+  if name == "qda":
+    return make_pipeline(StandardScaler(),
+                         QuadraticDiscriminantAnalysis(solver="eigen", shrinkage="auto"))
   return make_pipeline(StandardScaler(), KNeighborsClassifier(25))
 
 

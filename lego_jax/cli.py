@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
   p = sub.add_parser("attack", help="attribute-inference attack on a stage's embeddings")
   p.add_argument("--workdir", required=True)
   p.add_argument("--stage", default="original", help="original, combined or brick:<attribute>")
-  p.add_argument("--attacker", default="mlp", choices=("mlp", "linear", "knn"))
+  p.add_argument("--attacker", default="mlp", choices=("mlp", "linear", "knn", "quadratic"))
   p.add_argument("--protocol", default="cv5", choices=("cv5", "paper"))
   p.add_argument("--repeats", type=int, default=1,
                  help="fold splits averaged (seeds seed, seed+1, ...); reports their spread")

@@ -298,9 +298,9 @@ DESCRIPTIONS: dict[str, str] = {
                              "original's; where the loop's best table falls under it, the "
                              "best table read that keeps it is used (none: the loop's) and a "
                              "warning says so",
-    "unlearn.probes": "steering attackers (`linear`, `mlp`, `knn`), with the `attack` "
-                      "settings; linear ones judge the class-mean gain, the others the "
-                      "within-class gain",
+    "unlearn.probes": "steering attackers (`linear`, `mlp`, `knn`, `quadratic`), with the "
+                      "`attack` settings; linear ones judge the class-mean gain, the others "
+                      "the within-class gain",
     "unlearn.probe_folds": "cross-fitting folds of the probes; as many as the attackers that "
                            "judge (`attack.folds`), because how far below chance an "
                            "overshoot reads depends on the train/test ratio",
@@ -361,7 +361,7 @@ DESCRIPTIONS: dict[str, str] = {
 
     "run": "the main job (`lego-jax run`, `lego-jax grid`)",
     "run.methods": "methods run and compared",
-    "run.attackers": "attackers applied to every table (`mlp`, `linear`, `knn`)",
+    "run.attackers": "attackers applied to every table (`mlp`, `linear`, `knn`, `quadratic`)",
     "run.sweep": "`lam_rank` values for the trade-off plot (`--sweep 1,10,100` sets it); each "
                  "runs LEGO with `unlearn.lam_rank` and `combine.lam_rank` set to the value",
     "run.adversarial_objective": "in-training adversarial baseline: `confusion` (embeddings "
@@ -702,7 +702,7 @@ LINEAR_SCOPES = ("batch", "population")                    # unlearning.calibrat
 UNITS = ("parts", "coordinates", "none")                   # unlearning.calibration.UNITS
 COMBINE_MODES = ("dim", "scalar", "convex")                # unlearning.combination.MODES
 COMBINE_INITS = ("uniform", "ones")                        # unlearning.combination.INITS
-ATTACKERS = ("mlp", "linear", "knn")                       # evaluation.attackers.ATTACKERS
+ATTACKERS = ("mlp", "linear", "knn", "quadratic")         # evaluation.attackers.ATTACKERS
 ADVERSARIAL_OBJECTIVES = ("reverse", "confusion")          # unlearning.adversarial.OBJECTIVES
 RANKING_METRICS = ("recall", "ndcg", "hr")                 # evaluation.ranking.METRICS
 FORMATS = ("movielens-100k", "movielens-1m", "recbole", "lightgcn", "lastfm")  # data.FORMATS

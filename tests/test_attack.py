@@ -154,7 +154,30 @@ def test_train_and_predict_ignores_padding():
   chex.assert_trees_all_close(fn(jnp.asarray(x), padded, *rest), probs, atol=1e-6)
 
 
-@pytest.mark.parametrize("attacker", [pytest.param("mlp", marks=pytest.mark.slow), "linear", "knn"])
+class TestQuadraticPadding(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_quadratic_ignores_padding_rows_and_classes(self):
+    x, y, _ = _data(n=200, dim=4, classes=(3,), shift=1.0)
+    fn = self.variant(attack_lib.quadratic_predict)
+    # Rows 0..139 fitted, 140..149 padding (weight 0).
+    task = attack_lib.Tasks(
+        train_idx=jnp.arange(150), train_y=jnp.asarray(y[0, :150]),
+        train_w=(jnp.arange(150) < 140) * 1.0, val_w=jnp.zeros(150),
+        test_idx=jnp.arange(150, 200), test_y=jnp.asarray(y[0, 150:]), test_w=jnp.ones(50),
+        class_mask=jnp.array([True, True, True, False]), fold=0, attr=0)
+    rest = (jax.random.PRNGKey(0), attack_lib.Settings(1e-4, 1e-2, 20))
+    probs = fn(jnp.asarray(x), task, *rest)
+    chex.assert_shape(probs, (50, 4))
+    np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, rtol=1e-5)
+    assert float(jnp.max(probs[:, 3])) == 0.0
+    padded = task._replace(train_idx=task.train_idx.at[140:].set(jnp.arange(160, 170)),
+                           train_y=task.train_y.at[140:].set(2))
+    chex.assert_trees_all_close(fn(jnp.asarray(x), padded, *rest), probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("attacker", [pytest.param("mlp", marks=pytest.mark.slow), "linear", "knn",
+                                      "quadratic"])
 def test_gaussian_noise_leaks_nothing(attacker):
   x, y, classes = _data(n=2000, dim=16)
   out = attack_lib.attack(x, y, classes, attacker=attacker, seed=0)
@@ -167,7 +190,7 @@ def test_gaussian_noise_leaks_nothing(attacker):
     assert all(isinstance(v, float) for k, v in r.items() if k not in ("n", "folds", "ci95"))
 
 
-@pytest.mark.parametrize("attacker", ["mlp", "linear", "knn"])
+@pytest.mark.parametrize("attacker", ["mlp", "linear", "knn", "quadratic"])
 def test_planted_signal_is_found(attacker):
   x, y, classes = _data(shift=1.0)
   out = attack_lib.attack(x, y, classes, attacker=attacker, config={"steps": 100},
@@ -207,6 +230,21 @@ def test_knn_reads_local_structure_a_linear_probe_cannot():
   # One compiled program for every task equals the per-task loop.
   looped = attack_lib.attack(x, y, [2], attacker="knn", vmap=False)["attr0"]
   assert looped["bacc"] == pytest.approx(knn["bacc"])
+
+
+def test_quadratic_reads_second_moments_where_a_linear_probe_cannot():
+  # Two coordinates correlated +0.8 in class 1 and -0.8 in class 0: equal
+  # means and marginals, so only the classes' covariances tell them apart.
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 2, 2000)
+  x = rng.normal(size=(2000, 6))
+  x[:, 1] = 0.8 * np.where(y == 1, 1.0, -1.0) * x[:, 0] + 0.6 * x[:, 1]
+  x = x.astype(np.float32)
+  quad = attack_lib.attack(x, y[None], [2], attacker="quadratic")["attr0"]
+  lin = attack_lib.attack(x, y[None], [2], attacker="linear")["attr0"]
+  assert quad["bacc"] > 0.75 and lin["leakage"] < 0.04
+  looped = attack_lib.attack(x, y[None], [2], attacker="quadratic", vmap=False)["attr0"]
+  assert looped["bacc"] == pytest.approx(quad["bacc"], abs=1e-6)
 
 
 def test_early_stopping_option_finds_signal():
@@ -277,7 +315,7 @@ def test_paper_protocol():
 
 def test_bad_input_raises_lego_error():
   x, y, classes = _data(n=100, dim=4, classes=(2,))
-  with pytest.raises(LegoError, match="valid: knn, linear, mlp"):
+  with pytest.raises(LegoError, match="valid: knn, linear, mlp, quadratic"):
     attack_lib.attack(x, y, classes, attacker="svm")
   with pytest.raises(LegoError, match="valid: cv5, paper"):
     attack_lib.attack(x, y, classes, protocol="loo")

@@ -52,12 +52,13 @@ def _axis_signal(n=600, d=8, seed=0):
 
 def test_judges_read_a_planted_signal_and_nothing_in_permuted_labels():
   x, codes = _axis_signal()
-  read = judge.judge(x, codes, judges=("gbdt", "knn25", "logreg"))
-  for j in ("gbdt", "knn25"):
+  read = judge.judge(x, codes, judges=("gbdt", "knn25", "logreg", "qda"))
+  for j in ("gbdt", "knn25", "qda"):              # the classes' spreads differ on coordinate 0
     assert read[j]["signed"] > 0.2 and read[j]["ci95"][0] > 0, (j, read[j])
   assert abs(read["logreg"]["signed"]) < 0.06     # no linear signal was planted
-  null = judge.judge(x, np.random.default_rng(1).permutation(codes), judges=("gbdt",))
-  assert abs(null["gbdt"]["signed"]) < 0.06, null
+  null = judge.judge(x, np.random.default_rng(1).permutation(codes), judges=("gbdt", "qda"))
+  for j in ("gbdt", "qda"):
+    assert abs(null[j]["signed"]) < 0.06, null
 
 
 def test_a_rotation_keeps_every_distance_of_the_standardised_table():
