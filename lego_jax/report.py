@@ -37,10 +37,15 @@ def _fmt(c) -> str:
   return str(c)
 
 
+def _attackers(results: dict) -> list[str]:
+  """The attackers that read every table (`run.attackers`), in the config's order."""
+  return list(results["methods"]["original"]["attack"])
+
+
 def summary(results: dict) -> str:
   """report.md: one table of every method, then the config and the command."""
   names = results["attributes"]
-  attackers = [a for a in ("mlp", "linear") if a in results["methods"]["original"]["attack"]]
+  attackers = _attackers(results)
   headers = ["method", "NDCG@10", "Recall@10", "retention NDCG@10"]
   headers += [f"leak {a} ({at})" for at in attackers for a in names] + ["seconds"]
   rows = []
@@ -104,7 +109,7 @@ def trust_warnings(results: dict) -> list[str]:
 def digest(results: dict, workdir) -> str:
   """What `lego-jax run` prints at the end: the results, the files, the verdict."""
   names = results["attributes"]
-  attackers = [a for a in ("mlp", "linear") if a in results["methods"]["original"]["attack"]]
+  attackers = _attackers(results)
   rows = []
   for m, r in results["methods"].items():
     if "attack" not in r:
@@ -135,7 +140,7 @@ def plots(path: pathlib.Path, results: dict) -> None:
   import matplotlib.pyplot as plt
   names = results["attributes"]
   methods = [m for m, r in results["methods"].items() if "attack" in r]
-  attackers = [a for a in ("mlp", "linear") if a in results["methods"]["original"]["attack"]]
+  attackers = _attackers(results)
   fig, axes = plt.subplots(1, len(attackers), figsize=(5.5 * len(attackers), 3.8), squeeze=False)
   width = 0.8 / max(len(methods), 1)
   for ax, at in zip(axes[0], attackers):
