@@ -132,15 +132,16 @@ def test_paper_splits_train_fraction():
 # ---------------------------------------------------------------- the attackers
 
 
-@pytest.mark.slow
-def test_train_and_predict_ignores_padding():
+def _assert_padding_ignored(fn, validation: bool, atol: float):
+  """`fn` (a per-task predict function) gives the padded class nothing, and
+  padding rows, wherever they point and whatever their label, change nothing."""
   x, y, _ = _data(n=200, dim=4, classes=(3,), shift=1.0)
-  fn = jax.jit(functools.partial(attack_lib.train_and_predict, attacker="mlp", hidden=8))
-  # Rows 0..119 fitted, 120..139 validation, 140..149 padding (both weights 0).
+  # Rows 0..139 fitted (120..139 validation where asked), 140..149 padding (weights 0).
+  fitted = 120 if validation else 140
   task = attack_lib.Tasks(
       train_idx=jnp.arange(150), train_y=jnp.asarray(y[0, :150]),
-      train_w=(jnp.arange(150) < 120) * 1.0,
-      val_w=((jnp.arange(150) >= 120) & (jnp.arange(150) < 140)) * 1.0,
+      train_w=(jnp.arange(150) < fitted) * 1.0,
+      val_w=((jnp.arange(150) >= fitted) & (jnp.arange(150) < 140)) * 1.0,
       test_idx=jnp.arange(150, 200), test_y=jnp.asarray(y[0, 150:]), test_w=jnp.ones(50),
       class_mask=jnp.array([True, True, True, False]), fold=0, attr=0)
   rest = (jax.random.PRNGKey(0), attack_lib.Settings(1e-4, 1e-2, 20))
@@ -148,32 +149,23 @@ def test_train_and_predict_ignores_padding():
   chex.assert_shape(probs, (50, 4))
   np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, rtol=1e-5)
   assert float(jnp.max(probs[:, 3])) == 0.0  # the padded class gets nothing
-  # Padding rows may point anywhere with any label: nothing changes.
   padded = task._replace(train_idx=task.train_idx.at[140:].set(jnp.arange(160, 170)),
                          train_y=task.train_y.at[140:].set(2))
-  chex.assert_trees_all_close(fn(jnp.asarray(x), padded, *rest), probs, atol=1e-6)
+  chex.assert_trees_all_close(fn(jnp.asarray(x), padded, *rest), probs, atol=atol)
+
+
+@pytest.mark.slow
+def test_train_and_predict_ignores_padding():
+  fn = jax.jit(functools.partial(attack_lib.train_and_predict, attacker="mlp", hidden=8))
+  _assert_padding_ignored(fn, validation=True, atol=1e-6)
 
 
 class TestQuadraticPadding(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_quadratic_ignores_padding_rows_and_classes(self):
-    x, y, _ = _data(n=200, dim=4, classes=(3,), shift=1.0)
-    fn = self.variant(attack_lib.quadratic_predict)
-    # Rows 0..139 fitted, 140..149 padding (weight 0).
-    task = attack_lib.Tasks(
-        train_idx=jnp.arange(150), train_y=jnp.asarray(y[0, :150]),
-        train_w=(jnp.arange(150) < 140) * 1.0, val_w=jnp.zeros(150),
-        test_idx=jnp.arange(150, 200), test_y=jnp.asarray(y[0, 150:]), test_w=jnp.ones(50),
-        class_mask=jnp.array([True, True, True, False]), fold=0, attr=0)
-    rest = (jax.random.PRNGKey(0), attack_lib.Settings(1e-4, 1e-2, 20))
-    probs = fn(jnp.asarray(x), task, *rest)
-    chex.assert_shape(probs, (50, 4))
-    np.testing.assert_allclose(np.asarray(probs).sum(1), 1.0, rtol=1e-5)
-    assert float(jnp.max(probs[:, 3])) == 0.0
-    padded = task._replace(train_idx=task.train_idx.at[140:].set(jnp.arange(160, 170)),
-                           train_y=task.train_y.at[140:].set(2))
-    chex.assert_trees_all_close(fn(jnp.asarray(x), padded, *rest), probs, atol=1e-5)
+    _assert_padding_ignored(self.variant(attack_lib.quadratic_predict), validation=False,
+                            atol=1e-5)
 
 
 @pytest.mark.parametrize("attacker", [pytest.param("mlp", marks=pytest.mark.slow), "linear", "knn",
