@@ -47,7 +47,7 @@ import numpy as np
 JUDGES = ("gbdt", "mlp256", "logreg", "knn25", "qda")
 
 
-def _make(name: str, seed: int):
+def make_judge(name: str, seed: int):
   from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
   from sklearn.ensemble import HistGradientBoostingClassifier
   from sklearn.linear_model import LogisticRegression
@@ -87,7 +87,7 @@ def judge(x: np.ndarray, codes: np.ndarray, judges=JUDGES, seed: int = 1, seeds:
     xs, ys = x[idx], codes[idx]
     for name in judges:
       for tr, te in StratifiedKFold(5, shuffle=True, random_state=s).split(xs, ys):
-        model = _make(name, s).fit(xs[tr], ys[tr])
+        model = make_judge(name, s).fit(xs[tr], ys[tr])
         scores[name].append(balanced_accuracy_score(ys[te], model.predict(xs[te])))
   return {name: {**_mean(np.asarray(v) - chance), "bacc": float(np.mean(v)), "chance": chance,
                  "n": int(m * len(present))} for name, v in scores.items()}

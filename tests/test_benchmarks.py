@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks.brick_interference import match_covariances, polish
 from benchmarks.brick_retention import VARIANTS, brick_reads
-from benchmarks import judge, norm_interaction, null_means
+from benchmarks import across, judge, norm_interaction, null_means
 from benchmarks.retention_protocol import reads
 from lego_jax.errors import LegoError
 from lego_jax.requests import Unlearner
@@ -224,3 +224,57 @@ def test_mean_share_runs_the_combination_loop_at_each_share_without_writing(fres
   assert path.read_text() == stored and (fresh_workdir / "config.json").read_text() == config
   with pytest.raises(LegoError, match="unlearn.control"):
     share_reads(wd, 1.0, overrides=['unlearn.control="sometimes"'])
+
+
+def _balanced_in_each_part(x, codes, part):
+  """`x` with each part's class means set to that part's mean: a balance in sample."""
+  out = x.copy()
+  for p in np.unique(part):
+    for c in np.unique(codes):
+      s = (part == p) & (codes == c)
+      out[s] -= out[s].mean(0) - out[part == p].mean(0)
+  return out
+
+
+def test_across_parts_reads_the_residual_that_a_balance_in_sample_turns_over(tmp_path):
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 2, 1200)
+  part = across.parts_of(codes.size, 2, seed=0)
+  assert sorted(np.bincount(part)) == [600, 600]
+  np.testing.assert_array_equal(part, across.parts_of(codes.size, 2, seed=0))
+  noise = rng.normal(size=(codes.size, 8))
+  balanced = _balanced_in_each_part(noise, codes, part)
+  residual = balanced + 0.3 * codes[:, None] * np.eye(8)[0]
+  read = {name: across.across(x, codes, part, ("logreg",))["logreg"]
+          for name, x in (("noise", noise), ("balanced", balanced), ("residual", residual))}
+  assert abs(read["noise"]["within"]) < 0.03 and abs(read["noise"]["across"]) < 0.03
+  # The balance alone: its mirror reads below chance inside a part, nothing across parts.
+  assert read["balanced"]["within"] < -0.03 and abs(read["balanced"]["across"]) < 0.03
+  # A residual shared by the parts: read across, partly hidden inside each part.
+  assert read["residual"]["across"] > 0.04
+  assert read["residual"]["across"] > read["residual"]["within"] + 0.02
+  f = str(tmp_path / "t.npz")
+  np.savez(f, embeddings=residual, attr_gender=codes)
+  assert across.main(["--table", f, "--judges", "logreg", "--json"]) == {
+      "gender": {"logreg": read["residual"]}}
+  with pytest.raises(SystemExit, match="no attribute 'age'; it has: gender"):
+    across.main(["--table", f, "--attributes", "age", "--json"])
+
+
+def test_across_unlearns_each_part_on_a_copy_and_leaves_the_workdir(fresh_workdir, tmp_path):
+  before = sorted(p.relative_to(fresh_workdir) for p in fresh_workdir.rglob("*"))
+  wd = Workdir.open(fresh_workdir)
+  name = wd.attribute_names()[0]
+  out = tmp_path / "parts.npz"
+  res = across.main(["--workdir", str(fresh_workdir), "--attributes", name,
+                     "--judges", "logreg", "--out", str(out), "--json"])
+  assert set(res) == {name} and set(res[name]["logreg"]) == {"within", "across"}
+  z = np.load(out)
+  original = np.asarray(wd.backbone(progress=False).table())
+  codes, _ = wd.labels([name])
+  part = across.parts_of(codes.shape[1], 2, seed=0)
+  moved = np.abs(z["embeddings"] - original).max(axis=1) > 0
+  for p in (0, 1):   # every part's labelled users were unlearned in their own run
+    assert moved[(part == p) & (codes[0] >= 0)].mean() > 0.5
+  np.testing.assert_array_equal(z[f"attr_{name}"], codes[0])
+  assert sorted(p.relative_to(fresh_workdir) for p in fresh_workdir.rglob("*")) == before
