@@ -4,6 +4,7 @@
                               [--judges qda,logreg,gbdt] [--set unlearn.FIELD=VALUE ...]
                               [--out TABLE.npz] [--json]
   python benchmarks/across.py --table EXPORT.npz [--attributes ...] [--parts 2] [--seed 0]
+                              [--seeds 1]
 
 A cross-validated attacker on a table balanced in sample reads two things
 at once: a residual the calibration left in every user alike (above
@@ -30,6 +31,7 @@ split: there "across" shows the mirror of one balance shared by the parts.
 """
 
 import argparse
+import itertools
 import json
 import pathlib
 import shutil
@@ -82,25 +84,26 @@ def unlearn_parts(wd: Workdir, names, part: np.ndarray, overrides=()) -> np.ndar
   return table
 
 
-def across(x: np.ndarray, codes: np.ndarray, part: np.ndarray, judges, seed: int = 1) -> dict:
+def across(x: np.ndarray, codes: np.ndarray, part: np.ndarray, judges, seed: int = 1,
+           seeds: int = 1) -> dict:
   """{judge: {"within", "across"}} for one attribute: the mean of `judge.judge`
   inside each part, and the mean balanced accuracy - chance of the judge fitted
-  on part a (classes down-sampled to equal size, seeded) and scored on every
-  other part b (all its labelled users)."""
+  on part a (classes down-sampled to equal size) and scored on every other
+  part b (all its labelled users); both under `seeds` seeds from `seed`."""
   from sklearn.metrics import balanced_accuracy_score
   present = np.unique(codes[codes >= 0])
   chance = 1.0 / len(present)
   out = {}
   for name in judges:
-    within = [judge_lib.judge(x[part == p], codes[part == p], (name,), seed)[name]["signed"]
+    within = [judge_lib.judge(x[part == p], codes[part == p], (name,), seed, seeds)[name]["signed"]
               for p in np.unique(part)]
     reads = []
-    for a in np.unique(part):
-      rng = np.random.default_rng((seed, int(a)))   # the same users for every judge
+    for s, a in itertools.product(range(seed, seed + seeds), np.unique(part)):
+      rng = np.random.default_rng((s, int(a)))   # the same users for every judge
       ya = np.where(part == a, codes, -1)
       m = min(int((ya == c).sum()) for c in present)
       idx = np.concatenate([rng.choice(np.flatnonzero(ya == c), m, replace=False) for c in present])
-      model = judge_lib.make_judge(name, seed).fit(x[idx], codes[idx])
+      model = judge_lib.make_judge(name, s).fit(x[idx], codes[idx])
       for b in np.unique(part):
         if b != a:
           test = (part == b) & (codes >= 0)
@@ -118,6 +121,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--parts", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0, help="seeds the split into parts")
   ap.add_argument("--judges", default="qda,logreg,gbdt")
+  ap.add_argument("--seeds", type=int, default=1,
+                  help="down-samplings and fold splits per reading (their mean)")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="a config override for the parts' runs (repeatable)")
   ap.add_argument("--out", help="write the composed table here (export layout)")
@@ -127,6 +132,8 @@ def main(argv=None) -> dict:
   bad = [j for j in judges if j not in judge_lib.JUDGES]
   if bad:
     sys.exit(f"across.py: unknown judge {bad[0]!r}; valid: {', '.join(judge_lib.JUDGES)}")
+  if args.seeds < 1:
+    sys.exit(f"across.py: --seeds must be at least 1, not {args.seeds}")
   if args.parts < 2:
     sys.exit(f"across.py: --parts must be at least 2, not {args.parts}")
   if args.table:
@@ -149,7 +156,7 @@ def main(argv=None) -> dict:
   if args.out:
     np.savez(args.out, embeddings=table.astype(np.float32),
              **{f"attr_{safe_name(a)}": y for a, y in zip(names, codes)})
-  results = {a: across(table, y, part, judges) for a, y in zip(names, codes)}
+  results = {a: across(table, y, part, judges, seeds=args.seeds) for a, y in zip(names, codes)}
   print(json.dumps(results))
   if not args.json:
     print()

@@ -259,6 +259,11 @@ def test_across_parts_reads_the_residual_that_a_balance_in_sample_turns_over(tmp
       "gender": {"logreg": read["residual"]}}
   with pytest.raises(SystemExit, match="no attribute 'age'; it has: gender"):
     across.main(["--table", f, "--attributes", "age", "--json"])
+  # Over seeds, the mean of each seed's reading.
+  per_seed = [across.across(residual, codes, part, ("logreg",), seed=s)["logreg"] for s in (1, 2)]
+  both = across.main(["--table", f, "--judges", "logreg", "--seeds", "2", "--json"])
+  for k in ("within", "across"):
+    assert both["gender"]["logreg"][k] == pytest.approx(np.mean([r[k] for r in per_seed]))
 
 
 def test_across_unlearns_each_part_on_a_copy_and_leaves_the_workdir(fresh_workdir, tmp_path):
