@@ -1,10 +1,9 @@
 """Leakage read across separately calibrated parts of the users.
 
-  python benchmarks/across.py --workdir W [--attributes gender,age] [--parts 2] [--seed 0]
-                              [--judges qda,logreg,gbdt] [--set unlearn.FIELD=VALUE ...]
-                              [--out TABLE.npz] [--json]
-  python benchmarks/across.py --table EXPORT.npz [--attributes ...] [--parts 2] [--seed 0]
-                              [--seeds 1]
+  python benchmarks/across.py --workdir W [--attributes gender,age] [--parts 2]
+                              [--split-seed 0] [--judges qda,logreg,gbdt] [--seeds 1]
+                              [--set unlearn.FIELD=VALUE ...] [--out TABLE.npz] [--json]
+  python benchmarks/across.py --table EXPORT.npz [--attributes ...] [--parts 2] [...]
 
 A cross-validated attacker on a table balanced in sample reads two things
 at once: a residual the calibration left in every user alike (above
@@ -18,10 +17,10 @@ run. Each judge of `judge.py` is then fitted on one part and scored on
 another ("across": no balance is shared between its training and test
 users) and cross-validated inside each part ("within": judge.py's
 protocol, residual plus mirror). On ML-1M MF gender the Gaussian
-discriminant read -0.019 within and +0.086 across (docs/findings.md,
-session 21). Each part's run sees 1/parts of the users, so its statistics
-are weaker than one run's on every user: "across" tends to overstate what
-a run on every user keeps.
+discriminant read +0.007 within and +0.076 across (--seeds 3;
+docs/findings.md, session 21). Each part's run sees 1/parts of the
+users, so its statistics are weaker than one run's on every user:
+"across" tends to overstate what a run on every user keeps.
 
 W (a trained workdir) is only read; the parts' runs go to a temporary
 folder. With --out the composed table is written in `lego-jax export`'s
@@ -119,7 +118,7 @@ def main(argv=None) -> dict:
   source.add_argument("--table", help="an export (embeddings, attr_<name>) judged as it is")
   ap.add_argument("--attributes", help="comma-separated (default: every attribute of W)")
   ap.add_argument("--parts", type=int, default=2)
-  ap.add_argument("--seed", type=int, default=0, help="seeds the split into parts")
+  ap.add_argument("--split-seed", type=int, default=0, help="seeds the split into parts")
   ap.add_argument("--judges", default="qda,logreg,gbdt")
   ap.add_argument("--seeds", type=int, default=1,
                   help="down-samplings and fold splits per reading (their mean)")
@@ -145,13 +144,13 @@ def main(argv=None) -> dict:
       sys.exit(f"across.py: {args.table} has no attribute {missing[0]!r}; "
                f"it has: {', '.join(stored)}")
     codes = np.stack([z[f"attr_{a}"] for a in names])
-    part = parts_of(codes.shape[1], args.parts, args.seed)
+    part = parts_of(codes.shape[1], args.parts, args.split_seed)
     table = z["embeddings"].astype(np.float64)
   else:
     wd = Workdir.open(args.workdir)
     names = args.attributes.split(",") if args.attributes else wd.attribute_names()
     codes, _ = wd.labels(names)
-    part = parts_of(codes.shape[1], args.parts, args.seed)
+    part = parts_of(codes.shape[1], args.parts, args.split_seed)
     table = unlearn_parts(wd, names, part, args.set)
   if args.out:
     np.savez(args.out, embeddings=table.astype(np.float32),
