@@ -98,10 +98,9 @@ def across(x: np.ndarray, codes: np.ndarray, part: np.ndarray, judges, seed: int
               for p in np.unique(part)]
     reads = []
     for s, a in itertools.product(range(seed, seed + seeds), np.unique(part)):
-      rng = np.random.default_rng((s, int(a)))   # the same users for every judge
-      ya = np.where(part == a, codes, -1)
-      m = min(int((ya == c).sum()) for c in present)
-      idx = np.concatenate([rng.choice(np.flatnonzero(ya == c), m, replace=False) for c in present])
+      # The same users for every judge.
+      idx = judge_lib.balanced_users(np.where(part == a, codes, -1),
+                                     np.random.default_rng((s, int(a))))
       model = judge_lib.make_judge(name, s).fit(x[idx], codes[idx])
       for b in np.unique(part):
         if b != a:

@@ -68,6 +68,15 @@ def make_judge(name: str, seed: int):
   return make_pipeline(StandardScaler(), KNeighborsClassifier(25))
 
 
+def balanced_users(codes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Sorted indices of as many labelled users of each class as the smallest
+  class has (-1 = missing), drawn by `rng`."""
+  present = np.unique(codes[codes >= 0])
+  m = min(int((codes == c).sum()) for c in present)
+  return np.sort(np.concatenate([rng.choice(np.flatnonzero(codes == c), m, replace=False)
+                                 for c in present]))
+
+
 def judge(x: np.ndarray, codes: np.ndarray, judges=JUDGES, seed: int = 1, seeds: int = 1) -> dict:
   """{judge: {"signed", "ci95", "bacc", "chance", "n"}} for one attribute's codes (-1 =
   missing): the mean over `seeds` seeds (seed, seed + 1, ...: down-samplings and
@@ -81,9 +90,7 @@ def judge(x: np.ndarray, codes: np.ndarray, judges=JUDGES, seed: int = 1, seeds:
   chance = 1.0 / len(present)
   scores = {name: [] for name in judges}
   for s in range(seed, seed + seeds):
-    rng = np.random.default_rng(s)
-    idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(codes == c), m, replace=False)
-                                  for c in present]))
+    idx = balanced_users(codes, np.random.default_rng(s))
     xs, ys = x[idx], codes[idx]
     for name in judges:
       for tr, te in StratifiedKFold(5, shuffle=True, random_state=s).split(xs, ys):
