@@ -1,6 +1,8 @@
-"""Class-mean sizes against their permuted-label level, and `control.null_means` on a table.
+"""Class-mean and class-covariance sizes against their permuted-label level, and
+`control.null_means` (with --covariances, `control.null_covariances` first) on a table.
 
-  python benchmarks/null_means.py FILE.npz [FILE.npz ...] [--out DIR] [--seed 0] [--json]
+  python benchmarks/null_means.py FILE.npz [FILE.npz ...] [--covariances] [--out DIR]
+                                  [--seed 0] [--json]
   python benchmarks/null_means.py --simulate [--users 6040 --dims 64 --runs 5]
 
 For each exported table (`lego-jax export`'s layout) and attribute: the
@@ -9,8 +11,11 @@ less all labelled users', S the covariance within classes) to its mean
 under label permutations: about 1 where the labels say nothing about the
 rows' means, far above it for a leak, below it where the class means were
 made equal in sample (an overshoot a cross-fitted attacker reads below
-chance). With --out, each table after `control.null_means` is written to
-DIR/<name> in the same layout, for `benchmarks/judge.py`.
+chance). The same for the classes' covariances: n_c |C_c - I|^2 summed
+over classes, C_c a class's covariance about its own mean in units of S
+(what a Gaussian discriminant reads). With --out, each table after the
+steps is written to DIR/<name> in the same layout, for
+`benchmarks/judge.py`.
 
 --simulate shows why the size matters on data with nothing to find:
 isotropic Gaussian rows with 30/70 labels drawn independently, read by
@@ -55,9 +60,33 @@ def class_sizes(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0
   return size(dev), np.mean([size(deviations(rng.permutation(y))) for _ in range(perms)], 0)
 
 
-def size_ratio(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0) -> float:
-  """Summed class-mean size of `codes` in `x` over its permuted-label mean."""
-  observed, null = class_sizes(x, codes, perms, seed)
+def covariance_sizes(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Each class's n_c |C_c - I|^2 in `x` for `codes` (C_c its covariance about
+  its own mean, whitened by the covariance within classes), and its mean
+  over `perms` label permutations: (C,) each."""
+  lab = codes >= 0
+  rows, y = np.asarray(x, np.float64)[lab], codes[lab]
+  c = int(y.max()) + 1
+
+  def size(y):
+    dev = rows - np.stack([rows[y == k].mean(0) if np.any(y == k) else rows.mean(0)
+                           for k in range(c)])[y]
+    vals, vecs = np.linalg.eigh(dev.T @ dev / len(dev))
+    keep = vals > 1e-9 * vals.max()
+    z = dev @ (vecs[:, keep] / np.sqrt(vals[keep]))
+    eye = np.eye(z.shape[1])
+    return np.array([np.sum(y == k) * np.sum((z[y == k].T @ z[y == k] / max(np.sum(y == k), 1)
+                                               - eye) ** 2) if np.any(y == k) else 0.0
+                     for k in range(c)])
+  rng = np.random.default_rng(seed)
+  return size(y), np.mean([size(rng.permutation(y)) for _ in range(perms)], 0)
+
+
+def size_ratio(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0,
+               sizes=class_sizes) -> float:
+  """Summed class-mean size (or another of `sizes`) of `codes` in `x` over its permuted-label mean."""
+  observed, null = sizes(x, codes, perms, seed)
   return float(observed.sum() / null.sum())
 
 
@@ -88,7 +117,9 @@ def simulate(users: int, dims: int, runs: int) -> dict:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("files", nargs="*")
-  ap.add_argument("--out", help="folder for the tables after control.null_means")
+  ap.add_argument("--out", help="folder for the tables after the steps")
+  ap.add_argument("--covariances", action="store_true",
+                  help="control.null_covariances before control.null_means")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--simulate", action="store_true")
   ap.add_argument("--users", type=int, default=6040)
@@ -110,15 +141,23 @@ def main(argv=None):
       codes = np.stack([z[f"attr_{n}"] for n in names])
       nc = [len(z[f"attr_{n}_classes"]) if f"attr_{n}_classes" in z else int(c.max()) + 1
             for n, c in zip(names, codes)]
-      sized = control.null_means(z["embeddings"], codes, nc, seed=args.seed)
-      res[f] = {n: {"before": size_ratio(z["embeddings"], codes[i]),
-                    "after": size_ratio(sized, codes[i])} for i, n in enumerate(names)}
-      rows += [[f, n, f"{v['before']:.2f}", f"{v['after']:.2f}"] for n, v in res[f].items()]
+      sized = z["embeddings"]
+      if args.covariances:
+        sized = control.null_covariances(sized, codes, nc, seed=args.seed)
+      sized = control.null_means(sized, codes, nc, seed=args.seed)
+      ratios = lambda t, i: {"means": size_ratio(t, codes[i]),
+                             "covariances": size_ratio(t, codes[i], sizes=covariance_sizes)}
+      res[f] = {n: {"before": ratios(z["embeddings"], i), "after": ratios(sized, i)}
+                for i, n in enumerate(names)}
+      rows += [[f, n] + [f"{v[w][m]:.2f}" for w in ("before", "after")
+                         for m in ("means", "covariances")] for n, v in res[f].items()]
       if args.out:
         out = pathlib.Path(args.out) / pathlib.Path(f).name
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez(out, **{**z, "embeddings": sized})
-    header = ["file", "attribute", "class-mean size / null", "after null_means"]
+    steps = "null_covariances, null_means" if args.covariances else "null_means"
+    header = ["file", "attribute", "class-mean size / null", "class-covariance size / null",
+              f"means after {steps}", "covariances after"]
   print(json.dumps(res) if args.json else format_table(header, rows))
   return res
 

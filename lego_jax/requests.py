@@ -316,7 +316,7 @@ class Unlearner:
       table, shares, polish, reading, ret = self._finish(
           active, table_at(gains), control.reading_at(history, gains, False), seeds, seed,
           floor, ret, weights)
-    if self.cfg["null_shapes"] or self.cfg["null_means"]:
+    if self.null_sizing():
       table = self.null_sized(table, active, seed)
       ret = self.retention(table)
       if ret < floor:
@@ -358,15 +358,22 @@ class Unlearner:
                                                  min(floor, ret), ret, weights)
     return table, shares, polish, reading, ret
 
+  def null_sizing(self) -> bool:
+    return any(self.cfg[k] for k in ("null_covariances", "null_shapes", "null_means"))
+
   def null_sized(self, table, names, seed=None) -> np.ndarray:
     """`table` with each attribute's class statistics at their permuted-label
-    size: every coordinate's class-conditional shape (`unlearn.null_shapes`,
-    `control.null_shapes`), then the class means (`unlearn.null_means`,
+    size: the class covariances (`unlearn.null_covariances`,
+    `control.null_covariances`), every coordinate's class-conditional shape
+    (`unlearn.null_shapes`, `control.null_shapes`), then the class means (`unlearn.null_means`,
     `control.null_means`); seeded by `seed` (default this config's). Applied
     last, so no step after it equalises them again."""
     labels, num_classes = self.wd.labels(names)
     labels, seed = np.asarray(labels), self.config["seed"] if seed is None else seed
     table = sharding.to_host(table)
+    if self.cfg["null_covariances"]:
+      table = control.null_covariances(table, labels, num_classes, seed=int(
+          attribute_key(int(seed), "null_covariances")[-1]))
     if self.cfg["null_shapes"]:
       table = control.null_shapes(table, labels, num_classes,
                                   seed=int(attribute_key(int(seed), "null_shapes")[-1]))
@@ -468,7 +475,7 @@ class Unlearner:
     # reads below chance until `null_means` sizes them (ML-1M MF gain 1:
     # linear gender -0.057), which would stop it short of the shapes.
     final = ((lambda t: self.null_sized(t, active, seed))
-             if self.cfg["null_shapes"] or self.cfg["null_means"] else (lambda t: t))
+             if self.null_sizing() else (lambda t: t))
 
     def read(gain):
       r = self._read(final(table + gain * move), active, seeds=seeds)

@@ -146,11 +146,26 @@ def test_null_means_reads_sizes_and_writes_the_sized_table(tmp_path):
   f = str(tmp_path / "t.npz")
   np.savez(f, embeddings=leak, attr_age=codes, attr_age_classes=np.array(["a", "b", "c"]))
   out = null_means.main([f, "--out", str(tmp_path / "sized"), "--json"])
-  assert out[f]["age"]["before"] > 20 and 0.8 < out[f]["age"]["after"] < 1.25
+  assert out[f]["age"]["before"]["means"] > 20 and 0.8 < out[f]["age"]["after"]["means"] < 1.25
   written = np.load(tmp_path / "sized" / "t.npz")
   np.testing.assert_array_equal(written["attr_age"], codes)
   assert null_means.size_ratio(written["embeddings"], codes) == pytest.approx(
-      out[f]["age"]["after"])
+      out[f]["age"]["after"]["means"])
+
+
+def test_null_means_reads_and_sizes_class_covariances(tmp_path):
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 2, 800)
+  x = rng.normal(size=(800, 6)) * np.where(codes[:, None] == 1, 1.5, 1.0)
+  f = str(tmp_path / "t.npz")
+  np.savez(f, embeddings=x.astype(np.float32), attr_gender=codes)
+  plain = null_means.main([f, "--json"])[f]["gender"]
+  sized = null_means.main([f, "--covariances", "--out", str(tmp_path / "s"), "--json"])[f]["gender"]
+  assert plain["before"]["covariances"] > 5 and plain["after"]["covariances"] > 5
+  assert 0.6 < sized["after"]["covariances"] < 1.6
+  written = np.load(tmp_path / "s" / "t.npz")["embeddings"]
+  assert null_means.size_ratio(written, codes, sizes=null_means.covariance_sizes) == pytest.approx(
+      sized["after"]["covariances"])
 
 
 def test_null_means_simulation_reads_removed_class_means_below_chance():

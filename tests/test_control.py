@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.null_means import class_sizes
+from benchmarks.null_means import class_sizes, covariance_sizes
 from lego_jax.unlearning import control
 
 
@@ -255,6 +255,73 @@ def test_null_means_take_a_cross_fitted_probe_from_below_chance_to_chance():
                                  names=["a"]).signed[0, 0] for s in range(3)])
   assert signed(table) < -0.03
   assert abs(signed(control.null_means(table, y[None], [2], seed=0))) < 0.02
+
+
+def _covariance_ratio(x, codes):
+  """Each class's covariance size over its mean under permuted labels (C,)."""
+  observed, null = covariance_sizes(np.asarray(x, np.float64), codes, perms=16, seed=7)
+  return observed / null
+
+
+def _spread_directions(n=3000, d=8, seed=0):
+  """Class 1 wider by half on three coordinates and shifted, 30 unlabelled rows; and
+  the same rows with each class's covariance made equal to the pooled one in sample."""
+  rng = np.random.default_rng(seed)
+  codes = (rng.random(n) < 0.4).astype(np.int64)
+  codes[:30] = -1
+  x = rng.normal(size=(n, d)) + 0.3 * codes[:, None]
+  x[codes == 1, :3] *= 1.5
+  equal = x.copy()
+  for k in (0, 1):
+    rows = x[codes == k] - x[codes == k].mean(0)
+    vals, vecs = np.linalg.eigh(rows.T @ rows / len(rows))
+    equal[codes == k] = rows @ (vecs / np.sqrt(vals)) @ vecs.T + x[codes == k].mean(0)
+  return x.astype(np.float32), equal.astype(np.float32), codes
+
+
+def test_null_covariances_bring_class_covariances_to_their_permuted_label_size():
+  planted, equal, codes = _spread_directions()
+  labelled = codes >= 0
+  for x, before_ok in ((planted, lambda r: r.min() > 3), (equal, lambda r: r.max() < 0.05)):
+    before = _covariance_ratio(x, codes)
+    out = control.null_covariances(x, codes[None], [2], seed=1)
+    after = _covariance_ratio(out, codes)
+    assert before_ok(before), before
+    assert np.all((after > 0.6) & (after < 1.6)), after
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[~labelled], x[~labelled])
+    np.testing.assert_array_equal(out, control.null_covariances(x, codes[None], [2], seed=1))
+    for k in (0, 1):
+      rows = codes == k
+      np.testing.assert_allclose(out[rows].mean(0), x[rows].mean(0), atol=1e-4)
+
+
+def test_null_covariances_move_a_table_whose_labels_say_nothing_by_sampling_noise():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3000, 8)).astype(np.float32)
+  codes = rng.choice(3, 3000, p=[0.2, 0.3, 0.5])
+  still = np.abs(control.null_covariances(x, codes[None], [3], seed=1) - x).mean()
+  planted, _, signal = _spread_directions()
+  moved = np.abs(control.null_covariances(planted, signal[None], [2], seed=1) - planted).mean()
+  assert still < 0.03 * x.std() and moved > 4 * still, (still, moved)
+
+
+def test_null_covariances_take_a_gaussian_discriminant_to_chance():
+  # Class 1's covariance differs from class 0's a little in every direction
+  # (4 times its permuted-label size), as a brick leaves it, not in one.
+  pytest.importorskip("sklearn")
+  from benchmarks import judge
+  rng = np.random.default_rng(0)
+  n, d = 2000, 12
+  codes = (rng.random(n) < 0.4).astype(np.int64)
+  x = rng.normal(size=(n, d))
+  x[codes == 1] = x[codes == 1] @ (np.eye(d) + 0.06 * rng.normal(size=(d, d))).T
+  qda = lambda t: judge.judge(np.asarray(t, np.float64), codes, ("qda",), seed=1,
+                              seeds=2)["qda"]["signed"]
+  assert qda(control.null_means(x, codes[None], [2], seed=2)) > 0.08
+  out = control.null_means(control.null_covariances(x, codes[None], [2], seed=1),
+                           codes[None], [2], seed=2)
+  assert abs(qda(out)) < 0.03, qda(out)
 
 
 def _shape_ratio(x, y, c, perms=32, seed=7):

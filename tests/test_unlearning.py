@@ -755,7 +755,7 @@ def test_residual_means_take_back_the_stored_share_of_the_combined_class_means(f
   wd = Workdir.open(fresh_workdir)
   names = ["gender", "age"]
   unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
-                                        "null_shapes": False}}
+                                        "null_shapes": False, "null_covariances": False}}
   plain = Unlearner(wd, progress=False, config=unsized).unlearn(names)
   config = {**unsized, "unlearn": {**unsized["unlearn"], "residual_means": True,
                                    "target_leakage": 0.0}}
@@ -771,8 +771,9 @@ def test_residual_means_take_back_the_stored_share_of_the_combined_class_means(f
   np.testing.assert_allclose(u.table("combined"), table, atol=1e-6)
 
 
-def test_the_kept_table_has_every_class_mean_at_its_permuted_label_size(fresh_workdir):
-  from benchmarks.null_means import class_sizes
+def test_the_kept_table_has_class_means_and_covariances_at_their_permuted_label_size(
+    fresh_workdir):
+  from benchmarks.null_means import class_sizes, covariance_sizes
   wd = Workdir.open(fresh_workdir)
   names = ["gender", "age"]
   table = np.asarray(Unlearner(wd, progress=False).unlearn(names), np.float64)
@@ -781,9 +782,12 @@ def test_the_kept_table_has_every_class_mean_at_its_permuted_label_size(fresh_wo
     observed, null = class_sizes(table, y, perms=64, seed=5)
     ratio = observed[null > 0] / null[null > 0]
     assert np.all((ratio > 0.6) & (ratio < 1.6)), ratio
+    observed, null = covariance_sizes(table, y, perms=64, seed=5)
+    assert 0.7 < observed.sum() / null.sum() < 1.4, observed.sum() / null.sum()
 
 
-def test_null_sized_shapes_then_sizes_each_attributes_classes_as_configured(fresh_workdir):
+def test_null_sized_sizes_each_attributes_classes_as_configured(fresh_workdir):
+  from benchmarks.null_means import covariance_sizes
   from lego_jax.unlearning import control
   wd = Workdir.open(fresh_workdir)
   names = ["gender", "age"]
@@ -799,15 +803,24 @@ def test_null_sized_shapes_then_sizes_each_attributes_classes_as_configured(fres
     perm = np.random.default_rng(3)
     return size(y[known]) / np.mean([size(perm.permutation(y[known])) for _ in range(32)], 0)
 
+  def covariance_ratio(t):
+    observed, null = covariance_sizes(np.asarray(t, np.float64), y, perms=32, seed=3)
+    return observed.sum() / null.sum()
+
   def config(**unlearn):
     return {**wd.config, "unlearn": {**wd.config["unlearn"], **unlearn}}
-  shaped = Unlearner(wd, progress=False, config=config(null_shapes=True))
-  sized = shaped.null_sized(table, names)
-  assert np.median(shape_ratio(table)) > 3 and np.median(shape_ratio(sized)) < 1.5
-  np.testing.assert_array_equal(sized, shaped.null_sized(table, names))
-  means_only = Unlearner(wd, progress=False)                 # the default: class means only
-  assert np.median(shape_ratio(means_only.null_sized(table, names))) > 3   # class shifts only
-  off = Unlearner(wd, progress=False, config=config(null_shapes=False, null_means=False))
+  assert covariance_ratio(table) > 3 and np.median(shape_ratio(table)) > 3
+  default = Unlearner(wd, progress=False)       # covariances, then class means
+  sized = default.null_sized(table, names)
+  assert 0.6 < covariance_ratio(sized) < 1.6
+  np.testing.assert_array_equal(sized, default.null_sized(table, names))
+  shaped = Unlearner(wd, progress=False, config=config(null_covariances=False, null_shapes=True))
+  assert np.median(shape_ratio(shaped.null_sized(table, names))) < 1.5
+  means_only = Unlearner(wd, progress=False, config=config(null_covariances=False))
+  means = means_only.null_sized(table, names)
+  assert np.median(shape_ratio(means)) > 3 and covariance_ratio(means) > 3   # class shifts only
+  off = Unlearner(wd, progress=False, config=config(null_covariances=False, null_shapes=False,
+                                                    null_means=False))
   np.testing.assert_array_equal(off.null_sized(table, names), table)
 
 
@@ -847,8 +860,10 @@ def test_residual_means_take_back_per_attribute_the_share_the_probes_read_best(f
 def test_polish_adds_the_stored_gain_of_the_move_for_the_attributes_above_target(fresh_workdir):
   wd = Workdir.open(fresh_workdir)
   names = ["gender", "age"]
+  # Without the covariance step: its map follows the table it is given, so the
+  # polished table would not be the unpolished one plus the gain times the move.
   base = {**wd.config["unlearn"], "residual_means": False, "target_leakage": 0.0,
-          "polish_steps": 0}
+          "polish_steps": 0, "null_covariances": False}
   plain = Unlearner(wd, progress=False, config={**wd.config, "unlearn": base}).unlearn(names)
   u = Unlearner(wd, progress=False, config={**wd.config, "unlearn": {**base, "polish_steps": 4}})
   table = u.unlearn(names)                               # bricks reused, recombined
@@ -907,7 +922,7 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
     signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, 0.03 * (1 - gain / 0.4)], (2, 1))
     return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
   unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
-                                        "null_shapes": False}}
+                                        "null_shapes": False, "null_covariances": False}}
   u = Unlearner(wd, progress=False, config=unsized)
   u._read, u.polish_move, u.retention = fake_read, fake_move, lambda t: 0.99
   reading = fake_read(plain, names)
@@ -947,7 +962,7 @@ def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh
     return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
   config = {**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": 0.5,
                                      "residual_means": False, "null_means": False,
-                                     "null_shapes": False}}
+                                     "null_shapes": False, "null_covariances": False}}
   u = Unlearner(wd, progress=False, config=config)
   u._read, u.polish_move, u.retention = fake_read, lambda t, w, s=None: move, lambda t: 0.99
   gains, (table, shares, polish, after, ret) = u._lighter_means(names, table_at, None, None,
