@@ -1,6 +1,7 @@
 """Independent judges of an exported table: attackers lego-jax never steers with.
 
-  python benchmarks/judge.py FILE.npz [FILE.npz ...] [--seed 1] [--seeds 1] [--rotate] [--json]
+  python benchmarks/judge.py FILE.npz [FILE.npz ...] [--seed 1] [--seeds 1] [--rotate]
+                             [--principal K] [--json]
   python benchmarks/judge.py W/sweep_tables.npz --labels EXPORT.npz
 
 FILE is what `lego-jax export` writes (embeddings, attr_<name> codes). With
@@ -32,6 +33,13 @@ basis. Smooth judges read it alike; trees split on single coordinates, so
 what they read only in the stored basis lies along the table's own axes
 (docs/findings.md, session 16). A diagnostic, not a remedy: a rotation hides
 nothing from an attacker that learns directions.
+
+--principal K also judges each table on its K leading principal components
+(the table's own covariance, no labels; each component standardised; row
+"FILE (K PCs)"): an attacker that reduces the dimension first, as is common
+practice. What a table keeps in a few high-variance directions is diluted,
+for a judge of the whole row, by the other D - K; here it is not (ML-1M NCF,
+docs/findings.md, session 23).
 
 Needs scikit-learn, which the test extra installs (`pip install '.[test]'`) and lego-jax
 itself does not depend on.
@@ -109,6 +117,14 @@ def rotated(x: np.ndarray, seed: int) -> np.ndarray:
   return (x - x.mean(0)) / np.where(sd > 0, sd, 1.0) @ q
 
 
+def principal(x: np.ndarray, k: int) -> np.ndarray:
+  """(n, k) `x`'s coordinates on its k leading principal directions, each of unit variance."""
+  c = x - x.mean(0)
+  vals, vecs = np.linalg.eigh(np.cov(c, rowvar=False))
+  top = np.argsort(vals)[::-1][:k]
+  return c @ vecs[:, top] / np.sqrt(np.maximum(vals[top], 1e-30))
+
+
 def _mean(values) -> dict:
   """The mean of per-run readings with the 95% t-interval of the mean over runs."""
   from scipy import stats  # comes with scikit-learn
@@ -127,12 +143,16 @@ def main(argv=None):
   ap.add_argument("--labels", help="an export whose attr_<name> codes label every table in FILE")
   ap.add_argument("--rotate", action="store_true",
                   help="also judge each table standardised and randomly rotated")
+  ap.add_argument("--principal", type=int, default=0, metavar="K",
+                  help="also judge each table on its K leading principal components")
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args(argv)
   judges = [j for j in args.judges.split(",") if j]
   unknown = [j for j in judges if j not in JUDGES]
   if args.seeds < 1:
     sys.exit(f"judge.py: --seeds must be at least 1, not {args.seeds}")
+  if args.principal < 0:
+    sys.exit(f"judge.py: --principal must be at least 1 (or 0: off), not {args.principal}")
   if unknown:
     sys.exit(f"judge.py: unknown judge {unknown[0]!r}; valid: {', '.join(JUDGES)}")
   results = {}
@@ -143,6 +163,8 @@ def main(argv=None):
     tables = {f"{f}:{k}": z[k] for k in z.files} if args.labels else {f: z["embeddings"]}
     views = [("", lambda x: x)] + ([(" (rotated)", lambda x: rotated(x, args.seed))]
                                    if args.rotate else [])
+    if args.principal:
+      views.append((f" ({args.principal} PCs)", lambda x: principal(x, args.principal)))
     for suffix, view in views:
       for i, (name, x) in enumerate(tables.items()):
         seed = args.seed + i * args.seeds     # each table its own down-samplings

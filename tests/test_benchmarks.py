@@ -1,5 +1,6 @@
 """Helpers of the benchmark scripts (the scripts themselves run on real data)."""
 
+import chex
 import numpy as np
 import pytest
 
@@ -77,6 +78,43 @@ def test_judge_main_reads_each_table_and_its_rotation(tmp_path):
   out = judge.main([f, "--rotate", "--judges", "logreg", "--json"])
   assert set(out) == {f, f + " (rotated)"}
   assert set(out[f]) == {"gender"} and set(out[f]["gender"]) == {"logreg"}
+
+
+def _leading_signal(n=1200, d=80, seed=0):
+  """Two high-variance directions whose quadrants carry the class (an XOR no
+  class mean or covariance shows), turned into the table among d - 2 noise ones."""
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(0, 2, n)
+  lead = rng.normal(size=(n, 2)) * 4.0
+  lead[:, 1] = np.abs(lead[:, 1]) * np.sign(lead[:, 0]) * np.where(codes == 1, 1.0, -1.0)
+  x = np.concatenate([lead, rng.normal(size=(n, d - 2))], 1)
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  return x @ q, codes, q[:2]
+
+
+def test_the_principal_view_is_the_leading_directions_standardised():
+  x, codes, lead = _leading_signal()
+  p = judge.principal(x, 2)
+  chex.assert_shape(p, (len(x), 2))
+  np.testing.assert_allclose(np.cov(p, rowvar=False), np.eye(2), atol=1e-8)
+  # Its span is the planted directions' span (up to sampling noise).
+  basis = np.linalg.lstsq(x - x.mean(0), p, rcond=None)[0]
+  q, _ = np.linalg.qr(basis)
+  assert np.linalg.svd(q.T @ lead.T, compute_uv=False).min() > 0.95
+  # A neighbour vote reads the quadrants there, not in permuted labels.
+  read = judge.judge(p, codes, judges=("knn25",))["knn25"]["signed"]
+  null = judge.judge(p, np.random.default_rng(1).permutation(codes), judges=("knn25",))
+  assert read > 0.3 and abs(null["knn25"]["signed"]) < 0.06, (read, null)
+
+
+def test_judge_main_adds_the_principal_view(tmp_path):
+  x, codes, _ = _leading_signal(n=400, d=6)
+  f = str(tmp_path / "t.npz")
+  np.savez(f, embeddings=x.astype(np.float32), attr_gender=codes)
+  out = judge.main([f, "--principal", "2", "--judges", "logreg", "--json"])
+  assert set(out) == {f, f + " (2 PCs)"}
+  with pytest.raises(SystemExit, match="--principal"):
+    judge.main([f, "--principal", "-1"])
 
 
 def test_judge_over_seeds_is_the_mean_of_each_seeds_reading():
