@@ -98,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
         "estimator": "kernel",
         "features": 512,
         "marginal_features": 0,
+        "part_kernels": True,
         "interaction": False,
         "null_perms": 1,
         "projection": "none",
@@ -267,6 +268,10 @@ DESCRIPTIONS: dict[str, str] = {
     "unlearn.estimator": "`kernel` (B x B matrices) or `features` (random Fourier features, "
                          "O(B F))",
     "unlearn.features": "random features per bandwidth (`estimator = \"features\"`)",
+    "unlearn.part_kernels": "on a user table of two or more parts (NCF: the GMF and MLP "
+                            "towers), the MI estimate's kernels on each part as well as on "
+                            "the whole row, so one part's deficit cannot pay for another's "
+                            "excess (docs/findings.md)",
     "unlearn.marginal_features": "random features per coordinate of one more "
                                  "kernel, additive over coordinates: it sees each coordinate's "
                                  "own class-conditional distribution, which trees splitting on "

@@ -36,7 +36,7 @@ BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "
                 "batch_fraction", "max_batch_users", "topk", "guard", "margin", "stop",
                 "bandwidths", "linear_kernel",
                 "linear_scope", "centre", "units", "estimator", "features",
-                "marginal_features", "hinge", "null_perms",
+                "marginal_features", "part_kernels", "hinge", "null_perms",
                 "control", "target_leakage", "probes", "probe_folds", "probe_repeats",
                 "control_rounds", "max_gain")
 

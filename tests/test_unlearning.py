@@ -243,8 +243,9 @@ def test_estimate_in_units_sees_a_signal_in_a_narrow_part(units):
   ratio = {}
   for u in (units, "none"):
     # The additive kernel has a bandwidth per coordinate: only the row kernels here.
+    # Units only: the parts' own kernels (`part_kernels`) would see the narrow part raw too.
     spec = calibration.Spec(num_classes=2, linear_kernel=False, units=u, parts=(6, 2),
-                            marginal_features=0)
+                            marginal_features=0, part_kernels=False)
     mi, null, _ = spec.mi(jax.random.PRNGKey(0), table, users, y, calibration.units(table, spec))
     ratio[u] = float(mi.sum() / null.sum())
   # Raw distances are all but blind to the two narrow coordinates.
@@ -279,6 +280,50 @@ def test_units_of_one_part_or_none_leave_the_table_as_is():
     calibration.units(table, calibration.Spec(num_classes=2, parts=(6, 3)))
   with pytest.raises(LegoError, match="coordinates, none, parts"):
     calibration.Spec(num_classes=2, units="whitened")
+
+
+def test_part_kernels_add_each_parts_own_estimate():
+  table, y = _narrow_signal()
+  users = jnp.arange(table.shape[0])
+  j = len(losses.BANDWIDTH_EXPONENTS) + 1                          # linear + RBFs
+  spec = calibration.Spec(num_classes=2, parts=(6, 2))
+  units = calibration.units(table, spec)
+  mi, null, excess = spec.mi(jax.random.PRNGKey(0), table, users, y, units)
+  chex.assert_shape([mi, null], (1, 3 * j))
+  whole = dataclasses.replace(spec, part_kernels=False).mi(jax.random.PRNGKey(0), table, users,
+                                                          y, units)[0]
+  np.testing.assert_allclose(mi[:, :j], whole, rtol=1e-6)
+  # The kernel estimate itself needs no key (only its null level does).
+  x = table / units
+  for k, part in enumerate((slice(0, 6), slice(6, 8))):
+    own = losses.mi_estimate(jax.random.PRNGKey(9), x[:, part], y, jnp.ones_like(y, jnp.float32),
+                             num_classes=2, linear=True, centre=True)[0]
+    np.testing.assert_allclose(mi[:, (k + 1) * j:(k + 2) * j], own, rtol=1e-5)
+  # A table of one part has nothing more to read.
+  for parts in ((), (8,)):
+    one = calibration.Spec(num_classes=2, parts=parts)
+    a = one.mi(jax.random.PRNGKey(0), table, users, y)
+    b = dataclasses.replace(one, part_kernels=False).mi(jax.random.PRNGKey(0), table, users, y)
+    chex.assert_trees_all_equal(a, b)
+
+
+def test_part_kernels_read_a_signal_the_whole_row_dilutes():
+  # A shape signal in a part of 2 coordinates beside a part of 30 noise
+  # coordinates, each part in its own units: on the whole row the noise part
+  # dominates every distance.
+  rng = np.random.default_rng(15)
+  n = 600
+  y = rng.integers(0, 2, n)
+  sign = rng.choice([-1.0, 1.0], size=(n, 2))
+  signal = np.where(y[:, None] == 1, sign + 0.3 * rng.normal(size=(n, 2)), 0.5 * rng.normal(size=(n, 2)))
+  table = jnp.asarray(np.concatenate([signal, rng.normal(size=(n, 30))], 1), jnp.float32)
+  spec = calibration.Spec(num_classes=2, linear_kernel=False, parts=(2, 30), marginal_features=0)
+  mi, null, _ = spec.mi(jax.random.PRNGKey(0), table, jnp.arange(n), jnp.asarray(y)[None],
+                        calibration.units(table, spec))
+  j = len(losses.BANDWIDTH_EXPONENTS)
+  ratio = np.asarray(mi[0] / null[0])
+  whole, first, second = ratio[:j], ratio[j:2 * j], ratio[2 * j:]
+  assert first.max() > 5 * max(whole.max(), 1.0) and second.max() < 3, ratio
 
 
 def test_ncf_bricks_measure_each_tower_in_its_own_units(tmp_path):

@@ -49,6 +49,7 @@ class Spec:
   centre: bool = True         # RBF kernels on class-centred rows (shape only; see losses)
   units: str = "parts"        # what the MI estimate measures each coordinate in (see `units`)
   parts: tuple = ()           # widths of the user table's parts (the backbone's user_parts)
+  part_kernels: bool = True   # the kernels on each part as well (tables of two or more parts)
   estimator: str = "kernel"   # kernel (B x B matrices) | features (random Fourier features)
   features: int = 512         # random features per bandwidth
   marginal_features: int = 0   # the additive per-coordinate kernel's features (0 = none)
@@ -123,6 +124,14 @@ class Spec:
     past chance, heavy ones not far enough, and the class means per norm
     range differ while the overall ones agree (ML-1M MF: docs/findings.md,
     session 17). Trees and nearest neighbours read that.
+
+    With `part_kernels`, on a table of two or more parts (`parts`: NCF's GMF
+    and MLP towers) each part's rows get the same kernels again, on their
+    own. On the whole row one part's excess can be paid for by another
+    part's deficit: ML-1M NCF's gender brick took the MLP tower below its
+    permuted-label level and left the GMF tower's signal, which trees on the
+    whole table read at +0.100 and on the GMF half at +0.104; measured part
+    by part, +0.015 and +0.027 (docs/findings.md, session 23).
     """
     if units is not None:
       table = table / units
@@ -131,25 +140,33 @@ class Spec:
     ms = (ys >= 0).astype(e.dtype)
     population = self.linear_kernel and self.linear_scope == "population"
     kw = dict(num_classes=self.num_classes, loss=self.loss, n_null=self.null_perms)
-    parts = []
+    estimates = []
     if population:
       key, k_pop = jax.random.split(key)
-      parts.append(losses.mi_estimate(k_pop, table, labels, (labels >= 0).astype(table.dtype),
-                                      estimator="features", exponents=(), linear=True, **kw))
+      estimates.append(losses.mi_estimate(k_pop, table, labels, (labels >= 0).astype(table.dtype),
+                                          estimator="features", exponents=(), linear=True, **kw))
     if self.bandwidths or (self.linear_kernel and not population):
-      parts.append(losses.mi_estimate(
+      estimates.append(losses.mi_estimate(
           key, e, ys, ms, estimator=self.estimator, exponents=self.bandwidths,
           linear=self.linear_kernel and not population, centre=self.centre,
           n_features=self.features, marginal=self.marginal_features, **kw))
+      if self.part_kernels and len(self.parts) > 1:
+        edges = [0, *itertools.accumulate(self.parts)]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+          key, k_part = jax.random.split(key)
+          estimates.append(losses.mi_estimate(
+              k_part, e[:, lo:hi], ys, ms, estimator=self.estimator, exponents=self.bandwidths,
+              linear=self.linear_kernel and not population, centre=self.centre,
+              n_features=self.features, **kw))
     if self.interaction:
       centred = e - jnp.mean(e, axis=0)
       for rows in (e if e0 is None else e0[users], e):
         norm = jax.lax.stop_gradient(jnp.linalg.norm(rows - jnp.mean(rows, axis=0), axis=-1))
         scaled = centred * ((norm - jnp.mean(norm)) / jnp.maximum(jnp.std(norm), 1e-12))[:, None]
         key, k_int = jax.random.split(key)
-        parts.append(losses.mi_estimate(k_int, scaled, ys, ms, estimator="features",
-                                        exponents=(), linear=True, **kw))
-    mi, null = (jnp.concatenate(x, -1) for x in zip(*parts))
+        estimates.append(losses.mi_estimate(k_int, scaled, ys, ms, estimator="features",
+                                            exponents=(), linear=True, **kw))
+    mi, null = (jnp.concatenate(x, -1) for x in zip(*estimates))
     return mi, null, losses.excess_mi(mi, null, self.stop, self.hinge)
 
 
