@@ -81,8 +81,8 @@ def test_judge_main_reads_each_table_and_its_rotation(tmp_path):
 
 
 def _leading_signal(n=1200, d=80, seed=0):
-  """Two high-variance directions whose quadrants carry the class (an XOR no
-  class mean or covariance shows), turned into the table among d - 2 noise ones."""
+  """Two high-variance directions whose quadrants carry the class (its class
+  means are equal), turned into the table among d - 2 noise ones."""
   rng = np.random.default_rng(seed)
   codes = rng.integers(0, 2, n)
   lead = rng.normal(size=(n, 2)) * 4.0

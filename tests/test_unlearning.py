@@ -288,7 +288,7 @@ def test_part_kernels_add_each_parts_own_estimate():
   j = len(losses.BANDWIDTH_EXPONENTS) + 1                          # linear + RBFs
   spec = calibration.Spec(num_classes=2, parts=(6, 2))
   units = calibration.units(table, spec)
-  mi, null, excess = spec.mi(jax.random.PRNGKey(0), table, users, y, units)
+  mi, null, _ = spec.mi(jax.random.PRNGKey(0), table, users, y, units)
   chex.assert_shape([mi, null], (1, 3 * j))
   whole = dataclasses.replace(spec, part_kernels=False).mi(jax.random.PRNGKey(0), table, users,
                                                           y, units)[0]
@@ -315,7 +315,8 @@ def test_part_kernels_read_a_signal_the_whole_row_dilutes():
   n = 600
   y = rng.integers(0, 2, n)
   sign = rng.choice([-1.0, 1.0], size=(n, 2))
-  signal = np.where(y[:, None] == 1, sign + 0.3 * rng.normal(size=(n, 2)), 0.5 * rng.normal(size=(n, 2)))
+  signal = np.where(y[:, None] == 1, sign + 0.3 * rng.normal(size=(n, 2)),
+                    0.5 * rng.normal(size=(n, 2)))
   table = jnp.asarray(np.concatenate([signal, rng.normal(size=(n, 30))], 1), jnp.float32)
   spec = calibration.Spec(num_classes=2, linear_kernel=False, parts=(2, 30), marginal_features=0)
   mi, null, _ = spec.mi(jax.random.PRNGKey(0), table, jnp.arange(n), jnp.asarray(y)[None],
