@@ -129,12 +129,13 @@ class Unlearner:
     return checkpoint.metadata(d)["active"] if checkpoint.exists(d) else []
 
   def status(self) -> dict:
-    """Active set and bricks, with the leakage the control loop last measured."""
+    """Active set and bricks, with the leakage the control loop last measured
+    and what each brick was made under otherwise (`why_stale`)."""
     out = {"active": self.active(),
            "bricks": {a: {"created": m.get("created"), "steps": m.get("steps"),
                           "seconds": m.get("seconds"),
                           "gain": m.get("gain", [1.0, 1.0]), "strength": m.get("strength"),
-                          "leakage": m.get("leakage")}
+                          "leakage": m.get("leakage"), "stale": self.why_stale(a, m)}
                       for a, m in self.brick_meta().items()}}
     d = self.wd.path / "combination"
     if checkpoint.exists(d):
@@ -353,7 +354,7 @@ class Unlearner:
     if self.cfg["residual_means"] and np.any(reading.worst() > tol):
       table, shares, reading, ret = self._take_back_means(active, table, reading, seeds,
                                                           min(floor, ret), ret)
-    if self.cfg["polish_steps"] > 0 and np.any(reading.worst() > tol):
+    if self.cfg["polish_steps"] > 0:
       table, polish, reading, ret = self._polish(active, table, reading, seeds, seed,
                                                  min(floor, ret), ret, weights)
     return table, shares, polish, reading, ret
@@ -459,18 +460,29 @@ class Unlearner:
   def _polish(self, active, table, reading, seeds, seed, floor, ret,
               weights=None):
     """`unlearn.polish_steps`: the combined table plus a gain of `polish_move`
-    for the attributes still above the target, at the gain `control.polish_gain`
+    for the attributes above the target, at the gain `control.polish_gain`
     ranks first among those keeping a retention (`retention`) of at
-    least `floor`; returns (table, {"attributes", "gain"}, reading, retention).
+    least `floor`; returns (table, {"attributes", "gain"} or None where no
+    attribute is above the target, reading, retention).
 
     What is left after combining did not move under more minibatch steps
     (ML-1M NCF: MLP gender +0.042); on every user the estimate's
     permuted-label level is lower, and half the polish took it to chance.
     Only the attributes above the target are polished: one at chance
-    already is pushed below it (docs/findings.md)."""
+    already is pushed below it (docs/findings.md).
+
+    Which attributes, and the gain, are read on the table as it will be
+    kept (`null_sized`) by the steering probes and `unlearn.polish_probes`:
+    a neighbour vote reads users surrounded by their own class, which adding
+    the bricks brings back where the linear and MLP probes read chance
+    (ML-1M NCF: the 25-NN judge read age at +0.037 on a table those probes
+    read within 0.015; docs/findings.md). The reading
+    returned is the steering probes' (`reading` where nothing is polished):
+    what the loop's other steps compare.
+    """
     tol = float(self.cfg["target_leakage"])
-    which = [a for a, w in zip(active, reading.worst()) if w > tol]
-    move = self.polish_move(table, which, seed, **(weights or {}))
+    steering = list(self.cfg["probes"])
+    probes = list(dict.fromkeys(steering + list(self.cfg["polish_probes"])))
     # Read as it will be kept: a polish that equalises class means in sample
     # reads below chance until `null_means` sizes them (ML-1M MF gain 1:
     # linear gender -0.057), which would stop it short of the shapes.
@@ -478,17 +490,24 @@ class Unlearner:
              if self.null_sizing() else (lambda t: t))
 
     def read(gain):
-      r = self._read(final(table + gain * move), active, seeds=seeds)
-      self._say(f"control, polish of {', '.join(which)}: x{gain:.2f} " + "; ".join(
+      r = self._read(final(table + gain * move) if gain else final(table), active,
+                     probes=probes, seeds=seeds)
+      what = f"polish of {', '.join(which)}: x{gain:.2f}" if gain else "before the polish:"
+      self._say(f"control, {what} " + "; ".join(
           f"{n} {s:+.3f}" for n, s in zip(active, r.worst_signed())))
       return r
-    for gain, r in control.polish_gain(read, reading, tol=tol):
+    before = read(0.0)
+    which = [a for a, w in zip(active, before.worst()) if w > tol]
+    if not which:
+      return table, None, reading, ret
+    move = self.polish_move(table, which, seed, **(weights or {}))
+    for gain, r in control.polish_gain(read, before, tol=tol):
       if gain == 0.0:
         break
       cand = final(table + gain * move)
       cand_ret = self.retention(cand)
       if cand_ret >= floor:
-        return cand, {"attributes": which, "gain": gain}, r, cand_ret
+        return cand, {"attributes": which, "gain": gain}, r.select(steering), cand_ret
     return table, {"attributes": which, "gain": 0.0}, reading, ret
 
   def polish_move(self, table, names, seed=None, **settings) -> np.ndarray:
@@ -736,8 +755,15 @@ class Unlearner:
     """Bricks calibrated under other `unlearn` settings than the current ones, or
     from another backbone."""
     meta = self.brick_meta() if meta is None else meta
-    return [n for n, m in meta.items()
-            if m.get("settings") != self.brick_settings(n) or self._foreign(m)]
+    return [n for n, m in meta.items() if self.why_stale(n, m)]
+
+  def why_stale(self, name: str, meta: dict) -> list[str]:
+    """What brick `name` (its metadata `meta`) was made under otherwise: the
+    `unlearn` fields whose values differ (a field added since counts), then
+    how its backbone or data differ; empty where it is current."""
+    have, want = meta.get("settings") or {}, self.brick_settings(name)
+    return ([f"unlearn.{k}" for k in sorted(set(have) | set(want))
+             if k not in have or k not in want or have[k] != want[k]] + self._foreign(meta))
 
   @_writes
   def unlearn(self, names) -> np.ndarray:

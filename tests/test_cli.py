@@ -51,8 +51,9 @@ def test_workdir_commands(capsys, fresh_workdir, tmp_path):
   status = json.loads(out)
   assert status["active"] == ["gender", "age"]
   assert set(status["bricks"]) == {"gender", "age"}
-  assert all(set(b) == {"created", "steps", "seconds", "gain", "strength", "leakage"}
+  assert all(set(b) == {"created", "steps", "seconds", "gain", "strength", "leakage", "stale"}
              for b in status["bricks"].values())
+  assert all(b["stale"] == [] for b in status["bricks"].values())
   # gender and age were calibrated by one program: they share its seconds
   assert status["bricks"]["gender"]["seconds"] == status["bricks"]["age"]["seconds"] > 0
   # the MI weight and pull each brick ended with, after the loop's dual steps

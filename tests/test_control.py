@@ -170,15 +170,34 @@ def test_polish_gain_reads_where_the_worst_attribute_is_closest_to_chance():
   assert [r.worst().max() for _, r in ranked] == sorted(r.worst().max() for _, r in ranked)
 
 
-def test_polish_gain_refuses_a_gain_that_pushes_any_attribute_further_from_chance():
-  # The mean over attributes improves at every gain, but age leaves the target.
-  read, _ = _linear_read([0.08, 0.0, 0.0], [-0.08, 0.12, 0.0])
+def test_polish_gain_refuses_a_gain_that_takes_the_worst_attribute_further_from_chance():
+  # Gender stays where it is; every gain takes age past it.
+  read, _ = _linear_read([0.03, 0.0, 0.0], [0.0, 0.2, 0.0])
   before = read(0.0)
   ranked = control.polish_gain(read, before, tol=0.01)
   assert [g for g, _ in ranked] == [0.0]
   np.testing.assert_array_equal(ranked[0][1].signed, before.signed)
-  # Within twice the target, the probes' noise, an attribute may move.
-  assert control.no_worse(before, read(0.15), 0.01) and not control.no_worse(before, read(0.2), 0.01)
+  # Within twice the target, the probes' noise, the worst attribute may move.
+  assert control.no_worse(before, read(0.1), 0.01) and not control.no_worse(before, read(0.2), 0.01)
+
+
+def test_polish_gain_trades_an_attribute_at_chance_for_the_worst_one():
+  # Gender falls to chance at a gain of 1 while age, at chance before, rises:
+  # the worst attribute is nearest chance at 0.4 (both 0.048), and kept.
+  read, _ = _linear_read([0.08, 0.0, 0.0], [-0.08, 0.12, 0.0])
+  ranked = control.polish_gain(read, read(0.0), tol=0.01)
+  gain, reading = ranked[0]
+  np.testing.assert_allclose(gain, 0.4, atol=1e-9)
+  np.testing.assert_allclose(reading.worst(), [0.048, 0.048, 0.0], atol=1e-9)
+
+
+def test_a_reading_selects_its_probes_rows():
+  signed = np.arange(6.0).reshape(3, 2)
+  r = control.Reading(signed, signed - 1, signed + 1, ("linear", "mlp", "knn"))
+  s = r.select(["knn", "linear"])
+  assert s.probes == ("knn", "linear")
+  np.testing.assert_array_equal(s.signed, signed[[2, 0]])
+  np.testing.assert_array_equal(s.hi, signed[[2, 0]] + 1)
 
 
 def test_polish_gain_reads_no_further_than_max_gain_on_a_weak_move():

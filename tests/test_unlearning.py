@@ -702,12 +702,23 @@ def test_unlearn_redoes_bricks_made_under_other_settings_and_requests_do_not(fre
   before = brick_mtimes(fresh_workdir)
   u = Unlearner(Workdir.open(fresh_workdir, ["unlearn.lam_rank=7.0"]), progress=False)
   assert u.stale() == ["age", "gender"]
+  # `request status` says which, and what they were made under otherwise.
+  assert u.status()["bricks"]["age"]["stale"] == ["unlearn.lam_rank"]
+  from lego_jax import runner
+  _, _, text = runner._status(u, False)
+  assert ("stale: gender, made under another unlearn.lam_rank (`lego-jax unlearn` "
+          "recalibrates it; requests reuse it)") in text(u.status())
   u.add("occupation")                                # a request: others reused as they are
   assert {k: v for k, v in brick_mtimes(fresh_workdir).items() if k != "occupation"} == before
   u.unlearn(["gender", "occupation"])                # a run with new settings means them
   after = brick_mtimes(fresh_workdir)
   assert after["gender"] != before["gender"] and after["age"] == before["age"]
-  assert u.stale() == ["age"]
+  assert u.stale() == ["age"] and u.status()["bricks"]["gender"]["stale"] == []
+  assert "stale: gender" not in text(u.status())
+  # A brick made before a field existed is made under another value of it.
+  meta = u.brick_meta()["gender"]
+  older = {k: v for k, v in meta["settings"].items() if k != "part_kernels"}
+  assert u.why_stale("gender", {**meta, "settings": older}) == ["unlearn.part_kernels"]
 
 
 @pytest.mark.slow
@@ -884,7 +895,7 @@ def test_residual_means_take_back_per_attribute_the_share_the_probes_read_best(f
 
   best_at = np.asarray([0.5, 0.25])   # probes read chance once this share is taken back
 
-  def fake_read(table, names, seeds=None):
+  def fake_read(table, names, probes=None, seeds=None):
     signed = np.asarray([[abs((1 - gap(table, a) / gap(plain, a)) - best_at[a]) for a in (0, 1)]])
     return control.Reading(np.repeat(signed, 2, 0), signed - 0.01, signed + 0.01,
                            ("linear", "mlp"))
@@ -963,10 +974,11 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
     polished.append(which)
     return move
 
-  def fake_read(table, names, seeds=None):   # chance at 0.4 of the move, linear in it
+  def fake_read(table, names, probes=None, seeds=None):   # chance at 0.4 of the move
+    probes = tuple(probes or ("linear", "mlp"))
     gain = np.linalg.norm(table - plain) / np.linalg.norm(move)
-    signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, 0.03 * (1 - gain / 0.4)], (2, 1))
-    return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
+    signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, 0.03 * (1 - gain / 0.4)], (len(probes), 1))
+    return control.Reading(signed, signed - 0.01, signed + 0.01, probes)
   unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
                                         "null_shapes": False, "null_covariances": False}}
   u = Unlearner(wd, progress=False, config=unsized)
@@ -992,6 +1004,50 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
                              atol=1e-5)
 
 
+def test_the_polish_reads_its_own_probes_on_the_table_as_it_will_be_kept(fresh_workdir):
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  rng = np.random.default_rng(0)
+  plain = rng.normal(size=(wd.split.n_users, 8)).astype(np.float32)
+  move = rng.normal(size=plain.shape).astype(np.float32)
+  seen, polished = [], []
+
+  def fake_read(table, names, probes=None, seeds=None):
+    # The steering probes read chance; the neighbour vote reads age, gone at
+    # half the move.
+    probes = tuple(probes or ("linear", "mlp"))
+    seen.append((probes, np.array(table, copy=True)))
+    gain = np.linalg.norm(table - plain) / np.linalg.norm(move)
+    signed = np.asarray([[0.0, 0.04 * (1 - gain / 0.5) if p == "knn" else 0.0]
+                         for p in probes])
+    return control.Reading(signed, signed - 0.01, signed + 0.01, probes)
+
+  def fake_move(table, which, seed=None):
+    polished.append(which)
+    return move
+  u = Unlearner(wd, progress=False)
+  u._read, u.polish_move, u.retention = fake_read, fake_move, lambda t: 0.99
+  steering = fake_read(plain, names)
+  assert steering.worst().max() == 0.0
+  table, polish, after, ret = u._polish(names, plain, steering, None, None, 0.95, 1.0)
+  assert polished == [["age"]] and polish["attributes"] == ["age"]
+  # (The fake measures the move on the sized table, which sizing shifts a little.)
+  np.testing.assert_allclose(polish["gain"], 0.5, atol=0.02)
+  # Read with the neighbour vote, on the sized table before the polish too.
+  assert all(p == ("linear", "mlp", "knn") for p, _ in seen[1:])
+  np.testing.assert_allclose(seen[1][1], u.null_sized(plain, names), atol=1e-6)
+  np.testing.assert_allclose(table, u.null_sized(plain + polish["gain"] * move, names),
+                             atol=1e-5)
+  assert after.probes == ("linear", "mlp")             # what the loop's other steps compare
+  # With the steering probes only, nothing reads above the target: no polish.
+  only = Unlearner(wd, progress=False, config={
+      **wd.config, "unlearn": {**wd.config["unlearn"], "polish_probes": []}})
+  only._read, only.polish_move = fake_read, fake_move
+  kept = only._polish(names, plain, steering, None, None, 0.95, 1.0)
+  assert kept[0] is plain and kept[1] is None and kept[2] is steering and len(polished) == 1
+
+
 def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh_workdir):
   from lego_jax.unlearning import control
   wd = Workdir.open(fresh_workdir)
@@ -1002,10 +1058,11 @@ def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh
   table_at = lambda g: float(g[0, 0]) * mean + float(g[0, 1]) * rest
   light = table_at(np.asarray([[0.5, 1.0]]))
 
-  def fake_read(table, names, seeds=None):   # at the light table: chance at 0.3 of the move
+  def fake_read(table, names, probes=None, seeds=None):   # at the light table: chance at 0.3
+    probes = tuple(probes or ("linear", "mlp"))
     gain = np.linalg.norm(table - light) / np.linalg.norm(move)
-    signed = np.tile([0.04 * (1 - gain / 0.3), 0.02 * (1 - gain / 0.3)], (2, 1))
-    return control.Reading(signed, signed - 0.01, signed + 0.01, ("linear", "mlp"))
+    signed = np.tile([0.04 * (1 - gain / 0.3), 0.02 * (1 - gain / 0.3)], (len(probes), 1))
+    return control.Reading(signed, signed - 0.01, signed + 0.01, probes)
   config = {**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": 0.5,
                                      "residual_means": False, "null_means": False,
                                      "null_shapes": False, "null_covariances": False}}
