@@ -189,7 +189,7 @@ def _status(u: Unlearner, as_json: bool):
            + format_table(("brick", "active", "steps", "MI weight/pull", "gains (mean/rest)",
                            "brick alone: probe leakage BAcc-chance [95%]", "seconds", "created"),
                           rows))
-    out += "".join(f"\nstale: {a}, made under another {'; '.join(m['stale'])} "
+    out += "".join(f"\nstale: {a}, made under another value of {'; '.join(m['stale'])} "
                    "(`lego-jax unlearn` recalibrates it; requests reuse it)"
                    for a, m in s["bricks"].items() if m.get("stale"))
     comb = s.get("combination") or {}

@@ -706,7 +706,7 @@ def test_unlearn_redoes_bricks_made_under_other_settings_and_requests_do_not(fre
   assert u.status()["bricks"]["age"]["stale"] == ["unlearn.lam_rank"]
   from lego_jax import runner
   _, _, text = runner._status(u, False)
-  assert ("stale: gender, made under another unlearn.lam_rank (`lego-jax unlearn` "
+  assert ("stale: gender, made under another value of unlearn.lam_rank (`lego-jax unlearn` "
           "recalibrates it; requests reuse it)") in text(u.status())
   u.add("occupation")                                # a request: others reused as they are
   assert {k: v for k, v in brick_mtimes(fresh_workdir).items() if k != "occupation"} == before
