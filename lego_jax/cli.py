@@ -58,8 +58,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--stage", default="original", help="original, combined or brick:<attribute>")
   p.add_argument("--attacker", default="mlp", choices=("mlp", "linear", "knn", "quadratic"))
   p.add_argument("--protocol", default="cv5", choices=("cv5", "paper"))
-  p.add_argument("--repeats", type=int, default=1,
-                 help="fold splits averaged (seeds seed, seed+1, ...); reports their spread")
+  p.add_argument("--repeats", type=int, default=None,
+                 help="fold splits averaged (seeds seed, seed+1, ...); reports their spread "
+                      "(default: the config's attack.repeats)")
   p.add_argument("--json", action="store_true")
 
   p = sub.add_parser("export", help="write a stage's user embeddings with raw ids and attributes")

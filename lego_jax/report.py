@@ -58,7 +58,7 @@ def summary(results: dict) -> str:
     rows.append(row)
   lines = [f"# lego-jax results: {results['dataset']}, backbone {results['config']['model']['name']}",
            "", "Leakage = |balanced accuracy - chance| of an attribute-inference attacker "
-           "(5-fold CV, classes balanced); retention = metric after / original.", "",
+           f"({_protocol(results['config'])}); retention = metric after / original.", "",
            format_table(headers, rows), ""]
   lines += ["Balanced accuracy (chance in brackets):", "",
             format_table(["method"] + [f"{a} ({at})" for at in attackers for a in names],
@@ -206,6 +206,13 @@ def grid_table(results: list[dict]) -> str:
   headers = ["dataset", "backbone", "method", "NDCG@10", "retention"] + \
             [f"leak {a} ({' / '.join(attackers)})" for a in names_seen] + ["max leak", "seconds"]
   return format_table(headers, rows)
+
+
+def _protocol(config: dict) -> str:
+  att = config.get("attack", {})
+  folds, repeats = att.get("folds", 5), att.get("repeats", 1)
+  return f"{folds}-fold CV, classes balanced" + (
+      f", mean over {repeats} fold splits" if repeats > 1 else "")
 
 
 def _seconds(s) -> str:

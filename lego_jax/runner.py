@@ -98,12 +98,13 @@ def evaluate(args):
 def attack(args):
   wd = Workdir.open(args.workdir)
   table = Unlearner(wd).table(args.stage)
-  keys = ATTACK_KEYS + (("split_sd",) if args.repeats > 1 else ())
+  repeats = wd.config["attack"]["repeats"] if args.repeats is None else args.repeats
+  keys = ATTACK_KEYS + (("split_sd",) if repeats > 1 else ())
   out = {"stage": args.stage, "attacker": args.attacker, "protocol": args.protocol,
-         "repeats": args.repeats,
+         "repeats": repeats,
          "attributes": {a: {k: r[k] for k in keys}
                         for a, r in wd.attack(table, args.attacker, args.protocol,
-                                              repeats=args.repeats).items()}}
+                                              repeats=repeats).items()}}
 
   def text(o):
     return (f"stage {o['stage']}, attacker {o['attacker']}, protocol {o['protocol']}, "

@@ -345,11 +345,13 @@ class Workdir:
                             batch_users=self.config["eval"]["batch_users"])
 
   def attack(self, table, attacker: str = "mlp", protocol: str = "cv5", names=None,
-             repeats: int = 1) -> dict:
+             repeats: Optional[int] = None) -> dict:
     """Attribute-inference attack on `table` (the seed and settings of this
-    workdir's config), averaged over `repeats` fold splits."""
+    workdir's config), averaged over `repeats` fold splits (default
+    `attack.repeats`)."""
     names = self.attribute_names() if names is None else list(names)
     labels, num_classes = self.labels(names)
+    repeats = self.config["attack"]["repeats"] if repeats is None else repeats
     return attackers.attack(np.asarray(table), labels, num_classes, attacker=attacker,
                             protocol=protocol, seed=self.config["seed"],
                             config=self.config["attack"], names=names, repeats=repeats)

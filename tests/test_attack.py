@@ -208,6 +208,23 @@ def test_repeats_average_fold_splits_and_report_their_spread():
     attack_lib.attack(x, y, classes, attacker="linear", repeats=0)
 
 
+def test_the_main_job_averages_its_attacks_over_attack_repeats(tmp_path):
+  from lego_jax import experiment
+  from lego_jax.workdir import Workdir
+  from tests.conftest import tiny_config
+  config = tiny_config('run.methods=["leace"]', 'run.attackers=["linear"]', "attack.repeats=2")
+  results = experiment.train_and_evaluate(config, tmp_path / "run", progress=False)
+  wd = Workdir.open(tmp_path / "run")
+  labels, classes = wd.labels(results["attributes"])
+  two = attack_lib.attack(wd.backbone().table(), labels, classes, attacker="linear",
+                          seed=config["seed"], config=config["attack"],
+                          names=results["attributes"], repeats=2)
+  for name, r in results["methods"]["original"]["attack"]["linear"].items():
+    assert r["folds"] == 2 * config["attack"]["folds"] and "split_sd" in r
+    assert r["bacc"] == pytest.approx(two[name]["bacc"], abs=1e-9)
+  assert "mean over 2 fold splits" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_knn_reads_local_structure_a_linear_probe_cannot():
   # Classes in interleaved small clusters: the class means are equal, but
   # every user's neighbours share its class.
