@@ -119,6 +119,7 @@ DEFAULTS: dict[str, Any] = {
         "residual_means": True,
         "polish_steps": 100,
         "polish_probes": ["knn"],
+        "polish_features": 512,
         "null_covariances": True,
         "null_shapes": False,
         "null_means": True,
@@ -334,6 +335,9 @@ DESCRIPTIONS: dict[str, str] = {
                             "(0 to 1) where lines through the probes' readings put the worst "
                             "attribute closest to chance, kept only where the attribute "
                             "furthest from chance reads no further from it (docs/method.md)",
+    "unlearn.polish_features": "random features per bandwidth of the polish's MMD (the bricks' "
+                               "count is `features`): nearly all of the polish's cost, which is "
+                               "most of the combination's on ML-1M (docs/findings.md)",
     "unlearn.polish_probes": "attackers the polish reads beside `probes`, on the table as it "
                              "will be kept: which attributes it moves and at what gain. A "
                              "neighbour vote reads users surrounded by their own class, which "
@@ -851,6 +855,7 @@ CONSTRAINTS = {
     "unlearn.control_rounds": POSITIVE_INT,
     "unlearn.polish_steps": NON_NEGATIVE_INT,
     "unlearn.polish_probes": _each(_one_of(*ATTACKERS)),
+    "unlearn.polish_features": POSITIVE_INT,
     "unlearn.mean_share": _range(0, 1),
     "unlearn.max_gain": _range(1),
     "unlearn.topk": POSITIVE_INT,

@@ -512,13 +512,15 @@ class Unlearner:
 
   def polish_move(self, table, names, seed=None, **settings) -> np.ndarray:
     """One free table's move from `table` (n, D), calibrated for every attribute
-    of `names` at once: `unlearn.polish_steps` steps of the MMD on random
-    Fourier features of every user (`estimator = "features"`, O(n) per
-    kernel), the ranking hinge against the original top-T lists and the pull
-    to `table`, under the section's weights. `settings` replace `unlearn`
+    of `names` at once: `unlearn.polish_steps` steps of the MMD on
+    `unlearn.polish_features` random Fourier features of every user
+    (`estimator = "features"`, O(n) per kernel), the ranking hinge against
+    the original top-T lists and the pull to `table`, under the section's
+    weights. `settings` replace `unlearn`
     fields (for measuring it); seeded by `seed` (default this config's)."""
     cfg = {**self.cfg, "steps": int(self.cfg["polish_steps"]), "loss": "mmd",
-           "estimator": "features", "batch_users": 0, "per_attribute": {}, **settings}
+           "estimator": "features", "features": int(self.cfg["polish_features"]),
+           "batch_users": 0, "per_attribute": {}, **settings}
     bb = self.wd.backbone()
     spec = calibration.Spec.from_config(cfg, self.num_classes(), parts=bb.model.user_parts)
     hp = calibration.HParams.from_config(cfg, [None])

@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lego_jax import experiment
 from lego_jax.errors import LegoError
 from lego_jax.evaluation import classification_metrics as cm
 
 from lego_jax.evaluation import attackers as attack_lib  # noqa: E402
+from lego_jax.workdir import Workdir
+from tests.conftest import tiny_config
 
 FAST = {"steps": 20}
 
@@ -209,9 +212,6 @@ def test_repeats_average_fold_splits_and_report_their_spread():
 
 
 def test_the_main_job_averages_its_attacks_over_attack_repeats(tmp_path):
-  from lego_jax import experiment
-  from lego_jax.workdir import Workdir
-  from tests.conftest import tiny_config
   config = tiny_config('run.methods=["leace"]', 'run.attackers=["linear"]', "attack.repeats=2")
   results = experiment.train_and_evaluate(config, tmp_path / "run", progress=False)
   wd = Workdir.open(tmp_path / "run")

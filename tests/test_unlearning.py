@@ -936,6 +936,21 @@ def test_polish_adds_the_stored_gain_of_the_move_for_the_attributes_above_target
   assert (f"polish of gender, age at {polish['gain']:.2f}" in text(u.status()))
 
 
+def test_the_polish_draws_its_own_number_of_random_features(fresh_workdir):
+  # The bricks' `features` stays theirs; `polish_features` sets the polish's.
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age"]
+  table = np.asarray(wd.backbone().table())
+  with_cfg = lambda **f: Unlearner(wd, progress=False, config={
+      **wd.config, "unlearn": {**wd.config["unlearn"], "polish_steps": 3, **f}})
+  default = with_cfg().polish_move(table, names)
+  np.testing.assert_array_equal(default, with_cfg(features=16).polish_move(table, names))
+  few = with_cfg(polish_features=16).polish_move(table, names)
+  np.testing.assert_array_equal(few, with_cfg(polish_features=16, features=64).polish_move(
+      table, names))
+  assert not np.allclose(few, default)
+
+
 def test_the_combination_reports_leakage_read_on_folds_the_loop_did_not_choose_by(fresh_workdir):
   wd = Workdir.open(fresh_workdir)
   u = Unlearner(wd, progress=False)
