@@ -516,8 +516,8 @@ class Unlearner:
     `unlearn.polish_features` random Fourier features of every user
     (`estimator = "features"`, O(n) per kernel), the ranking hinge against
     the original top-T lists and the pull to `table`, under the section's
-    weights. `settings` replace `unlearn`
-    fields (for measuring it); seeded by `seed` (default this config's)."""
+    weights. `settings` replace `unlearn` fields (for measuring it); seeded
+    by `seed` (default this config's)."""
     cfg = {**self.cfg, "steps": int(self.cfg["polish_steps"]), "loss": "mmd",
            "estimator": "features", "features": int(self.cfg["polish_features"]),
            "batch_users": 0, "per_attribute": {}, **settings}
