@@ -153,6 +153,52 @@ def test_random_features_approximate_the_rbf_kernel():
     np.testing.assert_allclose(phi @ phi.T, k, atol=0.03)
 
 
+@pytest.mark.parametrize("loss", ["mmd", "d2d"])
+def test_a_stack_of_kernels_gives_each_kernels_mi(loss):
+  rng = np.random.default_rng(8)
+  e = jnp.asarray(rng.normal(size=(40, 5)), jnp.float32)
+  y = jnp.asarray(rng.integers(-1, 3, 40))
+  m = (y >= 0).astype(jnp.float32)
+  ks = losses.kernels(e, m, (-1, 0, 1), linear=True)
+  got = losses.MI_LOSSES[loss](e, y, m, 4, ks)
+  chex.assert_shape(got, (4,))
+  want = [losses.MI_LOSSES[loss](e, y, m, 4, k) for k in ks]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+
+
+class CentredFeaturesTest(chex.TestCase):
+  """The shared-cosine form of the centred features equals computing them directly."""
+
+  def direct(self, x, y, m, freqs, exps, loss):
+    beta = losses.bandwidth(x, jnp.ones(x.shape[0]))
+    c = losses.class_centred(x, y, m, 3)
+    f = freqs[0][0].shape[-1]
+    return jnp.stack([losses.feature_mi(jnp.sqrt(2.0 / f) * jnp.cos(
+        c @ z / jnp.sqrt(beta * 2.0 ** (j - 1)) + b), y, m, 3, loss)
+        for (z, b), j in zip(freqs, exps)])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_centred_features_are_the_features_of_the_class_centred_rows(self):
+    rng = np.random.default_rng(9)
+    e = jnp.asarray(rng.normal(size=(50, 4)) + rng.integers(0, 2, (50, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(-1, 3, 50))
+    m = (y >= 0).astype(jnp.float32)
+    exps = (-1, 0, 1)
+    freqs = losses.frequencies(jax.random.PRNGKey(1), 4, exps, 64, jnp.float32)
+    for loss in ("mmd", "d2d"):
+      @self.variant
+      def shared(x):
+        beta = losses.bandwidth(x, jnp.ones(50))
+        trig = [jnp.concatenate([jnp.cos(a), jnp.sin(a)], -1) for a in
+                (x @ z / jnp.sqrt(beta * 2.0 ** (j - 1)) + b for (z, b), j in zip(freqs, exps))]
+        return jnp.stack(losses.centred_feature_mis(trig, freqs, beta, exps, x, y, m, 3, loss))
+
+      direct = lambda x: self.direct(x, y, m, freqs, exps, loss)
+      np.testing.assert_allclose(shared(e), direct(e), rtol=1e-4, atol=1e-7)
+      np.testing.assert_allclose(jax.grad(lambda x: shared(x).sum())(e),
+                                 jax.grad(lambda x: direct(x).sum())(e), rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["kernel", "features"])
 def test_mi_estimate_sees_a_planted_signal_and_not_a_permuted_one(estimator):

@@ -62,14 +62,18 @@ def random_features(key, e: jax.Array, m: jax.Array, exponents=BANDWIDTH_EXPONEN
   """
   beta = bandwidth(e, m)
   out = [e / jnp.sqrt(beta)] if linear else []
-  keys = jax.random.split(key, 2 * len(exponents))
-  for i, j in enumerate(exponents):
-    k_w, k_b = keys[2 * i], keys[2 * i + 1]
-    # exp(-d^2 / (beta 2^j)) = exp(-d^2 / (2 s^2)) with s^2 = beta 2^(j-1); w ~ N(0, 1/s^2)
-    w = jax.random.normal(k_w, (e.shape[-1], n_features), e.dtype) / jnp.sqrt(beta * 2.0 ** (j - 1))
-    b = jax.random.uniform(k_b, (n_features,), e.dtype, 0.0, 2.0 * jnp.pi)
-    out.append(jnp.sqrt(2.0 / n_features) * jnp.cos(mm(e, w) + b))
+  for (z, b), j in zip(frequencies(key, e.shape[-1], exponents, n_features, e.dtype), exponents):
+    # exp(-d^2 / (beta 2^j)) = exp(-d^2 / (2 s^2)) with s^2 = beta 2^(j-1); z / s ~ N(0, 1/s^2)
+    out.append(jnp.sqrt(2.0 / n_features) * jnp.cos(mm(e, z) / jnp.sqrt(beta * 2.0 ** (j - 1)) + b))
   return out
+
+
+def frequencies(key, d: int, exponents, n_features: int, dtype) -> list[tuple[jax.Array, jax.Array]]:
+  """Per bandwidth, unit frequencies z (d, F) ~ N(0, 1) and phases b (F,) ~ U(0, 2 pi)."""
+  keys = jax.random.split(key, 2 * len(exponents))
+  return [(jax.random.normal(keys[2 * i], (d, n_features), dtype),
+           jax.random.uniform(keys[2 * i + 1], (n_features,), dtype, 0.0, 2.0 * jnp.pi))
+          for i in range(len(exponents))]
 
 
 def marginal_features(key, e: jax.Array, m: jax.Array, exponents=(0,),
@@ -103,21 +107,32 @@ def class_weights(y: jax.Array, m: jax.Array, num_classes: int) -> tuple[jax.Arr
   return w, counts / jnp.maximum(counts.sum(), 1.0)
 
 
+def quadratic_forms(k: jax.Array, v: jax.Array) -> jax.Array:
+  """v K v^T for each kernel K of `k` (..., B, B), with v (R, B): (..., R, R).
+
+  The kernels are stacked into one flat (J B, B) product: XLA's CPU batched
+  matmul over a kernel axis was 5x slower, and this is most of a kernel MMD's
+  cost.
+  """
+  kv = mm(k.reshape(-1, k.shape[-1]), v.T).reshape(*k.shape[:-1], v.shape[0])   # (..., B, R)
+  return jnp.einsum("...br,sb->...sr", kv, v, precision=jax.lax.Precision.HIGHEST)
+
+
 def mmd_mi(e, y, m, num_classes: int, kernel=None) -> jax.Array:
   """MI surrogate: sum_c pi_c MMD^2(class c, marginal) with a multi-bandwidth RBF.
 
   Zero exactly when every class-conditional distribution equals the marginal,
-  which is the condition for zero mutual information.
+  which is the condition for zero mutual information. `kernel` (B, B), or a
+  stack (J, B, B) giving one estimate per kernel.
   """
   k = rbf_kernel(e, m) if kernel is None else kernel
   w, pi = class_weights(y, m, num_classes)
   valid = jnp.sum(w, axis=1)                                  # 1 for present classes
   wm = m / jnp.maximum(m.sum(), 1.0)
-  kw = mm(w, k)                                               # (C, B)
-  within = jnp.sum(kw * w, axis=1)
-  cross = mm(kw, wm)
-  marg = mm(mm(wm, k), wm)
-  return jnp.sum(pi * valid * (within - 2.0 * cross + marg))
+  c = w.shape[0]
+  p = quadratic_forms(k, jnp.concatenate([w, wm[None]]))
+  within = jnp.diagonal(p[..., :c, :c], axis1=-2, axis2=-1)
+  return jnp.sum(pi * valid * (within - 2.0 * p[..., :c, c] + p[..., c, c, None]), axis=-1)
 
 
 def d2d_mi(e, y, m, num_classes: int, kernel=None) -> jax.Array:
@@ -125,26 +140,54 @@ def d2d_mi(e, y, m, num_classes: int, kernel=None) -> jax.Array:
   k = rbf_kernel(e, m) if kernel is None else kernel
   w, _ = class_weights(y, m, num_classes)
   valid = (jnp.sum(w, axis=1) > 0) & (jnp.sum(w[0]) > 0)
-  kw = mm(w, k)
-  within = jnp.sum(kw * w, axis=1)
-  cross = mm(kw, w[0])
-  mmd = within - 2.0 * cross + within[0]
-  return jnp.sum(jnp.where(valid.at[0].set(False), mmd, 0.0))
+  p = quadratic_forms(k, w)
+  within = jnp.diagonal(p, axis1=-2, axis2=-1)
+  mmd = within - 2.0 * p[..., :, 0] + within[..., :1]
+  return jnp.sum(jnp.where(valid.at[0].set(False), mmd, 0.0), axis=-1)
 
 
 MI_LOSSES = {"mmd": mmd_mi, "d2d": d2d_mi}
 
 
 def feature_mi(phi, y, m, num_classes: int, loss: str = "mmd") -> jax.Array:
-  """`mmd_mi` or `d2d_mi` with the kernel given as features: k = phi phi^T."""
+  """`mmd_mi` or `d2d_mi` with the kernel given as features: k = phi phi^T.
+  `m` marks the labelled rows (as `class_weights` counts them)."""
   w, pi = class_weights(y, m, num_classes)
-  valid = jnp.sum(w, axis=1)
-  means = mm(w, phi)                                           # (C, F)
+  return means_mi(mm(w, phi), pi, jnp.sum(w, axis=1), loss)
+
+
+def means_mi(means, pi, valid, loss: str = "mmd") -> jax.Array:
+  """`feature_mi` from the class means of the features (C, F), the class
+  priors pi and which classes are present (`valid`)."""
   if loss == "mmd":
-    marg = mm(m / jnp.maximum(m.sum(), 1.0), phi)
-    return jnp.sum(pi * valid * jnp.sum((means - marg) ** 2, axis=-1))
+    return jnp.sum(pi * valid * jnp.sum((means - mm(pi, means)) ** 2, axis=-1))
   gaps = jnp.sum((means - means[0]) ** 2, axis=-1) * valid * valid[0]
   return jnp.sum(gaps.at[0].set(0.0))
+
+
+def centred_feature_mis(trig, freqs, beta, exponents, e, y, m, num_classes: int,
+                        loss: str = "mmd") -> list[jax.Array]:
+  """`feature_mi` of the random features of `class_centred(e, y, m)`, one per
+  bandwidth, at the uncentred rows' `beta`.
+
+  `trig` holds each bandwidth's [cos a | sin a] (n, 2F), a = e z / s + b,
+  computed once for every labelling (each attribute and each null
+  permutation): a row's centred feature is cos(a - t_c) = cos a cos t_c +
+  sin a sin t_c, with t_c = (its class mean) z / s, so a labelling needs only
+  its class sums of cos a and sin a and C x F cosines. On a CPU cosines are
+  most of an MMD's cost (the polish's was 6 per row and feature).
+  """
+  w, pi = class_weights(y, m, num_classes)
+  valid = jnp.sum(w, axis=1)
+  centres = mm(w, e)                                           # (C, D)
+  out = []
+  for cs, (z, _), j in zip(trig, freqs, exponents):
+    f = cs.shape[-1] // 2
+    t = mm(centres, z) / jnp.sqrt(beta * 2.0 ** (j - 1))       # (C, F)
+    sums = mm(w, cs)                                           # (C, 2F) class means
+    means = jnp.sqrt(2.0 / f) * (sums[:, :f] * jnp.cos(t) + sums[:, f:] * jnp.sin(t))
+    out.append(means_mi(means, pi, valid, loss))
+  return out
 
 
 ESTIMATORS = ("kernel", "features")
@@ -176,6 +219,11 @@ def mi_estimate(key, e, ys, ms, *, num_classes: int, loss: str = "mmd", estimato
   means (what a linear probe reads) are left to the linear kernel alone, so
   pushing out a nonlinear signal cannot over-balance the means.
 
+  With the features estimator the centred kernels take the uncentred rows'
+  bandwidth for every labelling, so that one set of cosines serves them all
+  (`centred_feature_mis`); the kernel estimator takes each labelling's
+  centred rows'. They differ by the class means' share of the spread.
+
   `marginal` > 0 adds one more kernel, last: the additive kernel of
   `marginal_features` (that many features per coordinate, at each
   coordinate's own bandwidth), on the class-centred rows where `centre`.
@@ -196,17 +244,22 @@ def mi_estimate(key, e, ys, ms, *, num_classes: int, loss: str = "mmd", estimato
         if exponents:
           ks.append(kernels(class_centred(e, y, m, num_classes), ones, exponents))
         ks = jnp.concatenate(ks)
-      return jax.vmap(lambda k: mi_fn(e, y, m, num_classes, k))(ks)
-  else:
-    shared = None if centre else random_features(k_feat, e, ones, exponents, linear, n_features)
+      return mi_fn(e, y, m, num_classes, ks)
+  elif not centre:
+    phis = random_features(k_feat, e, ones, exponents, linear, n_features)
 
     def per_kernel(y, m):
-      phis = shared
-      if centre:
-        phis = (([e / jnp.sqrt(bandwidth(e, ones))] if linear else [])
-                + random_features(k_feat, class_centred(e, y, m, num_classes), ones, exponents,
-                                  False, n_features))
       return jnp.stack([feature_mi(p, y, m, num_classes, loss) for p in phis])
+  else:
+    beta = bandwidth(e, ones)
+    freqs = frequencies(k_feat, e.shape[-1], exponents, n_features, e.dtype)
+    angles = [mm(e, z) / jnp.sqrt(beta * 2.0 ** (j - 1)) + b for (z, b), j in zip(freqs, exponents)]
+    trig = [jnp.concatenate([jnp.cos(a), jnp.sin(a)], axis=-1) for a in angles]
+
+    def per_kernel(y, m):
+      mis = [feature_mi(e / jnp.sqrt(beta), y, m, num_classes, loss)] if linear else []
+      mis += centred_feature_mis(trig, freqs, beta, exponents, e, y, m, num_classes, loss)
+      return jnp.stack(mis)
   if marginal and exponents:
     joint = per_kernel
 
