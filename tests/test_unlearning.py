@@ -1109,6 +1109,31 @@ def test_the_polish_reads_its_own_probes_on_the_table_as_it_will_be_kept(fresh_w
   assert kept[0] is plain and kept[1] is None and kept[2] is steering and len(polished) == 1
 
 
+def test_a_refused_lighter_table_is_kept_where_the_searched_one_reads_further(fresh_workdir):
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender"]
+  config = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
+                                     "null_shapes": False, "null_covariances": False}}
+  reading = lambda x: control.Reading(np.full((2, 1), x), np.full((2, 1), x - 0.01),
+                                      np.full((2, 1), x + 0.01), ("linear", "mlp"))
+  light, searched = np.ones((wd.split.n_users, 4)), np.zeros((wd.split.n_users, 4))
+  for light_reads, searched_reads, light_ret, kept in [(0.021, 0.041, 0.97, light),
+                                                       (0.041, 0.021, 0.97, searched),
+                                                       (0.021, 0.041, 0.90, searched)]:
+    u = Unlearner(wd, progress=False, config=config)
+    u._lighter_means = lambda *a, **k: (np.array([[0.75, 1.0]]), (
+        light, np.zeros(1), None, reading(light_reads), light_ret), False)
+    u._solve = lambda read, active, independent: (
+        np.ones((1, 2)), [control.Step(np.ones((1, 2)), reading(searched_reads))])
+    u._finish = lambda *a, **k: (searched, np.zeros(1), None, reading(searched_reads), 0.97)
+    u.retention = lambda t: 0.97
+    u._read = lambda t, *a, **k: reading(light_reads if t is light else searched_reads)
+    table, meta = u._control_combination(names, lambda g: searched)
+    assert table is kept
+    assert meta["gains"]["gender"] == ([0.75, 1.0] if kept is light else [1.0, 1.0])
+
+
 def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh_workdir):
   from lego_jax.unlearning import control
   wd = Workdir.open(fresh_workdir)
@@ -1129,8 +1154,9 @@ def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh
                                      "null_shapes": False, "null_covariances": False}}
   u = Unlearner(wd, progress=False, config=config)
   u._read, u.polish_move, u.retention = fake_read, lambda t, w, s=None: move, lambda t: 0.99
-  gains, (table, shares, polish, after, ret) = u._lighter_means(names, table_at, None, None,
-                                                                0.95)
+  gains, (table, shares, polish, after, ret), accepted = u._lighter_means(
+      names, table_at, None, None, 0.95)
+  assert accepted
   np.testing.assert_array_equal(gains, [[0.5, 1.0], [0.5, 1.0]])
   assert polish["attributes"] == names and not shares.any()
   np.testing.assert_allclose(polish["gain"], 0.3, atol=1e-4)
@@ -1139,9 +1165,9 @@ def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh
   # Under the floor, or with a polish that cannot bring the probes within
   # twice the target, the loop searches the gains as before.
   u.retention = lambda t: 0.9
-  assert u._lighter_means(names, table_at, None, None, 0.95) is None
+  assert not u._lighter_means(names, table_at, None, None, 0.95)[2]
   u.retention, u.polish_move = lambda t: 0.99, lambda t, w, s=None: 1e-3 * move
-  assert u._lighter_means(names, table_at, None, None, 0.95) is None
+  assert not u._lighter_means(names, table_at, None, None, 0.95)[2]
   off = Unlearner(wd, progress=False,
                   config={**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": 1.0}})
   assert off._lighter_means(names, table_at, None, None, 0.95) is None
