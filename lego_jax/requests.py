@@ -287,8 +287,9 @@ class Unlearner:
     the class-mean step and the polish (`_finish`); with `unlearn.mean_share`
     < 1, the table at that share of the class-mean parts, finished, is tried
     first (`_lighter_means`), and kept where it reads within twice the target
-    or, refused, still closer to chance than the searched gains' table (the
-    probes' mean over attributes of the worst, `control.score`); last, each attribute's class means are set to
+    or, refused, keeps the floor where the searched gains' table does not or
+    reads closer to chance than it (the probes' mean over attributes of the
+    worst, `control.score`); last, each attribute's class means are set to
     their permuted-label size, and with `unlearn.null_shapes` every
     coordinate's class shapes before them (`null_sized`). Where the target and the
     floor cannot both hold, the best table that keeps the floor is kept and
@@ -320,13 +321,14 @@ class Unlearner:
           active, table_at(gains), control.reading_at(history, gains, False), seeds, seed,
           floor, ret, weights)
       # Which path is taken turns on one reading at twice the target; where
-      # the lighter table, refused, still reads closer to chance than the
-      # searched one, it is the best table found (ML-1M LightGCN: occupation
-      # +0.021 refused it, and the search ended with gender at +0.041).
+      # the lighter table, refused, keeps the floor and the searched one does
+      # not, or it reads closer to chance, it is the best table found (ML-1M
+      # LightGCN: occupation +0.021 refused it, and the search ended with
+      # gender at +0.041).
       if light is not None and light[1][4] >= floor and (
-          control.score(light[1][3]) < control.score(reading)):
-        self._say("control: the lighter class-mean share reads closer to chance than the "
-                  "searched gains; kept")
+          ret < floor or control.score(light[1][3]) < control.score(reading)):
+        self._say("control: kept the lighter class-mean share's table (the searched gains' "
+                  "reads further from chance, or under the floor)")
         gains, (table, shares, polish, reading, ret), _ = light
         warnings = []
     if self.null_sizing():

@@ -1118,16 +1118,17 @@ def test_a_refused_lighter_table_is_kept_where_the_searched_one_reads_further(fr
   reading = lambda x: control.Reading(np.full((2, 1), x), np.full((2, 1), x - 0.01),
                                       np.full((2, 1), x + 0.01), ("linear", "mlp"))
   light, searched = np.ones((wd.split.n_users, 4)), np.zeros((wd.split.n_users, 4))
-  for light_reads, searched_reads, light_ret, kept in [(0.021, 0.041, 0.97, light),
-                                                       (0.041, 0.021, 0.97, searched),
-                                                       (0.021, 0.041, 0.90, searched)]:
+  for light_reads, searched_reads, light_ret, searched_ret, kept in [
+      (0.021, 0.041, 0.97, 0.97, light), (0.041, 0.021, 0.97, 0.97, searched),
+      (0.021, 0.041, 0.90, 0.97, searched), (0.041, 0.021, 0.97, 0.90, light)]:
     u = Unlearner(wd, progress=False, config=config)
     u._lighter_means = lambda *a, **k: (np.array([[0.75, 1.0]]), (
         light, np.zeros(1), None, reading(light_reads), light_ret), False)
     u._solve = lambda read, active, independent: (
         np.ones((1, 2)), [control.Step(np.ones((1, 2)), reading(searched_reads))])
-    u._finish = lambda *a, **k: (searched, np.zeros(1), None, reading(searched_reads), 0.97)
-    u.retention = lambda t: 0.97
+    u._finish = lambda *a, **k: (searched, np.zeros(1), None, reading(searched_reads),
+                                 searched_ret)
+    u.retention = lambda t: light_ret if t is light else searched_ret
     u._read = lambda t, *a, **k: reading(light_reads if t is light else searched_reads)
     table, meta = u._control_combination(names, lambda g: searched)
     assert table is kept
