@@ -286,10 +286,11 @@ class Unlearner:
     Gains on the bricks' parts searched by the probes (`control.solve`), then
     the class-mean step and the polish (`_finish`); with `unlearn.mean_share`
     < 1, the table at that share of the class-mean parts, finished, is tried
-    first (`_lighter_means`), and kept where it reads within twice the target
-    or, refused, keeps the floor where the searched gains' table does not or
-    reads closer to chance than it (the probes' mean over attributes of the
-    worst, `control.score`); last, each attribute's class means are set to
+    first (`_lighter_means`) and kept where it reads within twice the target
+    above the floor; refused, it is still kept where it keeps the floor and
+    the searched gains' table does not, or reads further from chance (the
+    mean over attributes of the worst probe, `control.score`); last, each
+    attribute's class means are set to
     their permuted-label size, and with `unlearn.null_shapes` every
     coordinate's class shapes before them (`null_sized`). Where the target and the
     floor cannot both hold, the best table that keeps the floor is kept and
@@ -325,12 +326,14 @@ class Unlearner:
       # not, or it reads closer to chance, it is the best table found (ML-1M
       # LightGCN: occupation +0.021 refused it, and the search ended with
       # gender at +0.041).
-      if light is not None and light[1][4] >= floor and (
-          ret < floor or control.score(light[1][3]) < control.score(reading)):
-        self._say("control: kept the lighter class-mean share's table (the searched gains' "
-                  "reads further from chance, or under the floor)")
-        gains, (table, shares, polish, reading, ret), _ = light
-        warnings = []
+      if light is not None:
+        _, (_, _, _, light_reading, light_ret), _ = light
+        if light_ret >= floor and (
+            ret < floor or control.score(light_reading) < control.score(reading)):
+          self._say("control: kept the lighter class-mean share's table (the searched "
+                    "gains' reads further from chance, or under the floor)")
+          gains, (table, shares, polish, reading, ret), _ = light
+          warnings = []   # the search's floor warnings: this table keeps it
     if self.null_sizing():
       table = self.null_sized(table, active, seed)
       ret = self.retention(table)
