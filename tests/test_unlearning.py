@@ -189,8 +189,8 @@ class CentredFeaturesTest(chex.TestCase):
       @self.variant
       def shared(x):
         beta = losses.bandwidth(x, jnp.ones(50))
-        trig = [jnp.concatenate([jnp.cos(a), jnp.sin(a)], -1) for a in
-                (x @ z / jnp.sqrt(beta * 2.0 ** (j - 1)) + b for (z, b), j in zip(freqs, exps))]
+        trig = [jnp.concatenate([jnp.cos(a), jnp.sin(a)], -1)
+                for a in losses.angles(x, freqs, beta, exps)]
         return jnp.stack(losses.centred_feature_mis(trig, freqs, beta, exps, x, y, m, 3, loss))
 
       direct = lambda x: self.direct(x, y, m, freqs, exps, loss)

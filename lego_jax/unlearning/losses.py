@@ -62,10 +62,8 @@ def random_features(key, e: jax.Array, m: jax.Array, exponents=BANDWIDTH_EXPONEN
   """
   beta = bandwidth(e, m)
   out = [e / jnp.sqrt(beta)] if linear else []
-  for (z, b), j in zip(frequencies(key, e.shape[-1], exponents, n_features, e.dtype), exponents):
-    # exp(-d^2 / (beta 2^j)) = exp(-d^2 / (2 s^2)) with s^2 = beta 2^(j-1); z / s ~ N(0, 1/s^2)
-    out.append(jnp.sqrt(2.0 / n_features) * jnp.cos(mm(e, z) / jnp.sqrt(beta * 2.0 ** (j - 1)) + b))
-  return out
+  freqs = frequencies(key, e.shape[-1], exponents, n_features, e.dtype)
+  return out + [jnp.sqrt(2.0 / n_features) * jnp.cos(a) for a in angles(e, freqs, beta, exponents)]
 
 
 def frequencies(key, d: int, exponents, n_features: int, dtype) -> list[tuple[jax.Array, jax.Array]]:
@@ -74,6 +72,12 @@ def frequencies(key, d: int, exponents, n_features: int, dtype) -> list[tuple[ja
   return [(jax.random.normal(keys[2 * i], (d, n_features), dtype),
            jax.random.uniform(keys[2 * i + 1], (n_features,), dtype, 0.0, 2.0 * jnp.pi))
           for i in range(len(exponents))]
+
+
+def angles(e, freqs, beta, exponents) -> list[jax.Array]:
+  """Per bandwidth, the random features' angles e z / s + b (n, F) of rows at spread `beta`."""
+  # exp(-d^2 / (beta 2^j)) = exp(-d^2 / (2 s^2)) with s^2 = beta 2^(j-1); z / s ~ N(0, 1/s^2)
+  return [mm(e, z) / jnp.sqrt(beta * 2.0 ** (j - 1)) + b for (z, b), j in zip(freqs, exponents)]
 
 
 def marginal_features(key, e: jax.Array, m: jax.Array, exponents=(0,),
@@ -253,11 +257,12 @@ def mi_estimate(key, e, ys, ms, *, num_classes: int, loss: str = "mmd", estimato
   else:
     beta = bandwidth(e, ones)
     freqs = frequencies(k_feat, e.shape[-1], exponents, n_features, e.dtype)
-    angles = [mm(e, z) / jnp.sqrt(beta * 2.0 ** (j - 1)) + b for (z, b), j in zip(freqs, exponents)]
-    trig = [jnp.concatenate([jnp.cos(a), jnp.sin(a)], axis=-1) for a in angles]
+    trig = [jnp.concatenate([jnp.cos(a), jnp.sin(a)], axis=-1)
+            for a in angles(e, freqs, beta, exponents)]
+    scaled = e / jnp.sqrt(beta)
 
     def per_kernel(y, m):
-      mis = [feature_mi(e / jnp.sqrt(beta), y, m, num_classes, loss)] if linear else []
+      mis = [feature_mi(scaled, y, m, num_classes, loss)] if linear else []
       mis += centred_feature_mis(trig, freqs, beta, exponents, e, y, m, num_classes, loss)
       return jnp.stack(mis)
   if marginal and exponents:
