@@ -195,7 +195,9 @@ def _run_points(wd, static_cfg, points, vmapped, seed_list, names, original, sec
 
 def _attack(wd, cfg, tables, names, seeds) -> dict:
   """{attacker: [per table {attribute: {"signed", "ci95"}}]}: the evaluation's
-  attackers (not the steering probes), every table of a seed in one vmapped call."""
+  attackers (not the steering probes), every table of a seed in one vmapped call.
+  One fold split per seed, whatever `attack.repeats` says: the seeds are the
+  repeats, and the interval over them holds the split's noise."""
   labels, num_classes = wd.labels(names)
   out = {a: [None] * len(tables) for a in ATTACKERS}
   for s in dict.fromkeys(seeds):
