@@ -38,11 +38,20 @@ from lego_jax.report import format_table  # noqa: E402
 from lego_jax.unlearning import control  # noqa: E402
 
 
-def class_sizes(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
+METRICS = ("within", "coordinates", "euclidean")
+
+
+def class_sizes(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0,
+                metric: str = "within") -> tuple[np.ndarray, np.ndarray]:
   """Each class's n_c m_c' S^-1 m_c in `x` for `codes` (-1 = missing), and its
   mean over `perms` label permutations: (C,) each, estimated afresh rather
-  than by `control.null_means`'s closed form, so that it checks it."""
+  than by `control.null_means`'s closed form, so that it checks it.
+
+  `metric` "within" is S the covariance within classes (what `null_means`
+  sizes); "coordinates" its diagonal, each coordinate standardised, as the
+  attackers see the table; "euclidean" the identity. A size at the null in
+  one metric and above it in another is a deviation whose directions are
+  not those of independent labels."""
   lab = codes >= 0
   rows, y = np.asarray(x, np.float64)[lab], codes[lab]
   c = int(y.max()) + 1
@@ -52,9 +61,17 @@ def class_sizes(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0
     dev = np.stack([rows[y == k].mean(0) if counts[k] else rows.mean(0) for k in range(c)])
     return dev - rows.mean(0)
   dev = deviations(y)
-  vals, vecs = np.linalg.eigh(np.cov(rows - rows.mean(0) - dev[y], rowvar=False))
-  keep = vals > 1e-9 * vals.max()
-  w = vecs[:, keep] / np.sqrt(vals[keep])
+  if metric == "within":
+    vals, vecs = np.linalg.eigh(np.cov(rows - rows.mean(0) - dev[y], rowvar=False))
+    keep = vals > 1e-9 * vals.max()
+    w = vecs[:, keep] / np.sqrt(vals[keep])
+  elif metric == "coordinates":
+    sd = rows.std(0)
+    w = np.diag(np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0))
+  elif metric == "euclidean":
+    w = np.eye(rows.shape[1])
+  else:
+    raise ValueError(f"metric {metric!r}; valid: {', '.join(METRICS)}")
   size = lambda d: counts * ((d @ w) ** 2).sum(1)
   rng = np.random.default_rng(seed)
   return size(dev), np.mean([size(deviations(rng.permutation(y))) for _ in range(perms)], 0)
@@ -84,9 +101,10 @@ def covariance_sizes(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: in
 
 
 def size_ratio(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0,
-               sizes=class_sizes) -> float:
-  """Summed class-mean size (or another of `sizes`) of `codes` in `x` over its permuted-label mean."""
-  observed, null = sizes(x, codes, perms, seed)
+               sizes=class_sizes, **kwargs) -> float:
+  """Summed class-mean size (or another of `sizes`, given `kwargs`) of `codes`
+  in `x` over its permuted-label mean."""
+  observed, null = sizes(x, codes, perms, seed, **kwargs)
   return float(observed.sum() / null.sum())
 
 

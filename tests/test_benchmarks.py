@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.brick_interference import match_covariances, polish
 from benchmarks.brick_retention import VARIANTS, brick_reads
-from benchmarks import across, judge, norm_interaction, null_means
+from benchmarks import across, judge, norm_interaction, null_means, overshoot
 from benchmarks.retention_protocol import reads
 from lego_jax.errors import LegoError
 from lego_jax.requests import Unlearner
@@ -211,6 +211,51 @@ def test_null_means_simulation_reads_removed_class_means_below_chance():
                          "--json"])
   assert out["class means removed"]["signed"] < -0.05 and out["class means removed"]["size"] < 0.01
   assert abs(out["null_means"]["signed"]) < 0.04 and 0.8 < out["null_means"]["size"] < 1.25
+
+
+def test_class_mean_sizes_in_each_metric_see_a_leak_and_an_in_sample_removal():
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 2, 800)
+  spread = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.01])
+  x = rng.normal(size=(800, 6)) * spread
+  removed = x - np.stack([x[codes == k].mean(0) for k in (0, 1)])[codes] + x.mean(0)
+  leak = x + np.where(codes[:, None] == 1, 0.5, -0.5) * np.eye(6)[0]
+  for m in null_means.METRICS:
+    assert null_means.size_ratio(removed, codes, metric=m) < 1e-6, m
+    assert null_means.size_ratio(leak, codes, metric=m) > 20, m
+  for m in ("within", "coordinates"):   # Euclidean: one chi-square per coordinate, a coin toss
+    assert 0.3 < null_means.size_ratio(x, codes, metric=m) < 3.0, m
+  # A shift of five spreads on the coordinate a hundredth as wide as the rest:
+  # large within classes and per coordinate, lost in the Euclidean sum.
+  small = x + np.where(codes[:, None] == 1, 0.05, -0.05) * np.eye(6)[5]
+  assert null_means.size_ratio(small, codes, metric="coordinates") > 20
+  assert null_means.size_ratio(small, codes, metric="euclidean") < 2.0
+  with pytest.raises(ValueError, match="valid: within, coordinates, euclidean"):
+    null_means.class_sizes(x, codes, metric="cosine")
+
+
+def test_overshoot_reads_each_table_with_its_labels_and_permuted_ones(fresh_workdir, tmp_path):
+  wd = Workdir.open(fresh_workdir)
+  table = np.asarray(Unlearner(wd, progress=False).table("original"))
+  names = wd.attribute_names()
+  one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+  np.savez(one, embeddings=table)
+  np.savez(two, run0=table, run1=table[::-1].copy())
+  out = overshoot.main(["--workdir", str(fresh_workdir), str(one), "--perms", "3", "--json"])
+  assert list(out) == names
+  signed, _ = overshoot.readings(table, *wd.labels(names), names, attacker="linear",
+                                 seed=wd.config["seed"], config=wd.config["attack"],
+                                 perms=0)[names[0]]
+  assert out[names[0]]["linear"]["signed"] == pytest.approx(signed)
+  for n in names:
+    assert set(out[n]) == {"sizes", "mlp", "linear"} and set(out[n]["sizes"]) == set(
+        null_means.METRICS)
+    assert out[n]["linear"]["permuted_sd"] > 0
+  # A sweep's tables: each read with its own seed, the means over them reported.
+  both = overshoot.main(["--workdir", str(fresh_workdir), str(two), "--perms", "1", "--json"])
+  assert set(overshoot.tables(str(two), 7)) == {"run0", "run1"}
+  assert [s for _, s in overshoot.tables(str(two), 7).values()] == [7, 8]
+  assert both[names[0]]["sizes"]["within"] != out[names[0]]["sizes"]["within"]
 
 
 @pytest.mark.slow
