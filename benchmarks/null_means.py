@@ -67,7 +67,7 @@ def class_sizes(x: np.ndarray, codes: np.ndarray, perms: int = 32, seed: int = 0
     w = vecs[:, keep] / np.sqrt(vals[keep])
   elif metric == "coordinates":
     sd = rows.std(0)
-    w = np.diag(np.where(sd > 0, 1.0 / np.where(sd > 0, sd, 1.0), 0.0))
+    w = np.diag(1.0 / np.where(sd > 0, sd, np.inf))   # a constant coordinate counts 0
   elif metric == "euclidean":
     w = np.eye(rows.shape[1])
   else:

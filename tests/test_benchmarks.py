@@ -238,19 +238,26 @@ def test_overshoot_reads_each_table_with_its_labels_and_permuted_ones(fresh_work
   wd = Workdir.open(fresh_workdir)
   table = np.asarray(Unlearner(wd, progress=False).table("original"))
   names = wd.attribute_names()
+  y = np.asarray(wd.labels(names)[0])[0]
+  leaky = table.copy()
+  leaky[:, 0] += np.where(y == 1, 5.0, 0.0) * table[:, 0].std()   # class 1 five spreads away
   one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-  np.savez(one, embeddings=table)
+  np.savez(one, embeddings=leaky)
   np.savez(two, run0=table, run1=table[::-1].copy())
   out = overshoot.main(["--workdir", str(fresh_workdir), str(one), "--perms", "3", "--json"])
   assert list(out) == names
-  signed, _ = overshoot.readings(table, *wd.labels(names), names, attacker="linear",
+  signed, _ = overshoot.readings(leaky, *wd.labels(names), names, attacker="linear",
                                  seed=wd.config["seed"], config=wd.config["attack"],
                                  perms=0)[names[0]]
-  assert out[names[0]]["linear"]["signed"] == pytest.approx(signed)
+  first = out[names[0]]
+  assert first["linear"]["signed"] == pytest.approx(signed)
+  # The planted leak: read on the labels, gone under permuted ones.
+  for a in overshoot.ATTACKERS:
+    assert first[a]["signed"] > 0.3 and abs(first[a]["permuted"]) < 0.1, (a, first[a])
+  assert min(first["sizes"].values()) > 5
   for n in names:
     assert set(out[n]) == {"sizes", "mlp", "linear"} and set(out[n]["sizes"]) == set(
         null_means.METRICS)
-    assert out[n]["linear"]["permuted_sd"] > 0
   # A sweep's tables: each read with its own seed, the means over them reported.
   both = overshoot.main(["--workdir", str(fresh_workdir), str(two), "--perms", "1", "--json"])
   assert set(overshoot.tables(str(two), 7)) == {"run0", "run1"}
