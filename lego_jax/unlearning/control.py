@@ -171,9 +171,9 @@ def clear_leaks(reading: Reading, tol: float) -> np.ndarray:
   On a few hundred users one probe's reading varies by +-0.04, so a reading
   past the target alone is often noise, and a move made for it only pushes
   the attribute below chance (ML-100K NCF: a neighbour vote read gender at
-  +0.02 to +0.04 with intervals holding 0; polished for it, the MLP
-  evaluation read -0.027 over five seeds where the unpolished tables read
-  chance; docs/findings.md)."""
+  +0.02 to +0.07, in six of eight tables with an interval holding 0;
+  polished for it, the MLP evaluation read -0.027 over five seeds, the
+  same tables unpolished -0.005; docs/findings.md)."""
   return np.any((reading.signed > tol) & (reading.lo > 0), axis=0)
 
 
@@ -206,9 +206,10 @@ def polish_gain(read_fn: Callable[[float], Reading], before: Reading, *, tol: fl
   improved.
 
   Among gains the probes cannot tell apart, the smallest is kept (the
-  one-standard-error rule of model selection): the readings' noise is what
-  picks the best of them, and a polish read at chance on the probes' folds
-  reads below it on fresh ones more often than above (the `report` reading).
+  one-standard-error rule of model selection): which of them reads closest
+  to chance is the readings' noise, and the one it picks is the luckiest
+  draw on the probes' folds (fresh folds read the kept table further from
+  chance; the `report` reading).
   """
   points = [(0.0, before)]
   gain = float(first)
