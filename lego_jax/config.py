@@ -336,10 +336,9 @@ DESCRIPTIONS: dict[str, str] = {
                             "will be kept), one free table calibrated from the combined table "
                             "for those attributes, with the MMD on random features of every "
                             "user, added at the gain (0 to 1) where lines through the probes' "
-                            "readings put the worst attribute closest to chance, or a smaller "
-                            "one read within a standard error of it, kept only where the "
-                            "attribute furthest from chance reads no further from it "
-                            "(docs/method.md)",
+                            "readings put the worst attribute closest to chance, kept only "
+                            "where the attribute furthest from chance reads no further from "
+                            "it (docs/method.md)",
     "unlearn.polish_features": "random features per bandwidth of the polish's MMD (the bricks' "
                                "count is `features`): most of the polish's cost, about 40 s "
                                "of ML-1M MF's 100 s combination (docs/findings.md)",

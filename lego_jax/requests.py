@@ -525,8 +525,7 @@ class Unlearner:
                   "interval is clear of chance")
       return table, None, reading, ret
     move = self.polish_move(table, which, seed, **(weights or {}))
-    for gain, r in control.polish_gain(read, before, tol=tol,
-                                       folds=int(self.cfg["probe_folds"])):
+    for gain, r in control.polish_gain(read, before, tol=tol):
       if gain == 0.0:
         break
       cand = final(table + gain * move)

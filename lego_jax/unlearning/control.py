@@ -43,7 +43,6 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from lego_jax.evaluation import attackers
-from lego_jax.evaluation.classification_metrics import t975
 
 
 class Reading(NamedTuple):
@@ -177,20 +176,12 @@ def clear_leaks(reading: Reading, tol: float) -> np.ndarray:
   return np.any((reading.signed > tol) & (reading.lo > 0), axis=0)
 
 
-def standard_error(reading: Reading, folds: int) -> np.ndarray:
-  """(P, K) one standard error of each reading: its t-interval's half-width
-  over `folds` folds (`classification_metrics.ci95`) divided by t_0.975."""
-  return (reading.hi - reading.lo) / (2.0 * t975(max(int(folds), 2) - 1))
-
-
 def polish_gain(read_fn: Callable[[float], Reading], before: Reading, *, tol: float,
-                folds: int = 5, first: float = POLISH_FIRST, rounds: int = POLISH_ROUNDS,
+                first: float = POLISH_FIRST, rounds: int = POLISH_ROUNDS,
                 max_gain: float = 1.0) -> list[tuple[float, Reading]]:
   """Gains on one polish move, with their readings, best first: those at which
   the attribute furthest from chance reads no further from it than before
-  (`no_worse`); first the smallest gain whose worst attribute reads within
-  one standard error (`standard_error`, over `folds` folds) of the best
-  gain's, then the rest by their worst attribute.
+  (`no_worse`).
 
   A polish is small, and every probe's reading of every attribute follows
   its gain nearly linearly (ML-100K NCF gender: -0.039, -0.065, -0.103 at
@@ -204,12 +195,6 @@ def polish_gain(read_fn: Callable[[float], Reading], before: Reading, *, tol: fl
   attributes is no guide: on ML-100K NCF a quarter of the polish took gender
   from +0.063 to -0.067 while the others moved toward chance, and the mean
   improved.
-
-  Among gains the probes cannot tell apart, the smallest is kept (the
-  one-standard-error rule of model selection): which of them reads closest
-  to chance is the readings' noise, and the one it picks is the luckiest
-  draw on the probes' folds (fresh folds read the kept table further from
-  chance; the `report` reading).
   """
   points = [(0.0, before)]
   gain = float(first)
@@ -222,13 +207,8 @@ def polish_gain(read_fn: Callable[[float], Reading], before: Reading, *, tol: fl
     slope = (r1.signed - r0.signed) / (x1 - x0)                            # (P, K)
     lines = r0.signed[None] + (grid - x0)[:, None, None] * slope[None]     # (G, P, K)
     gain = round(float(grid[np.argmin(np.abs(lines).max(1).max(1))]), 6)
-  ok = sorted(((g, r) for g, r in points if no_worse(before, r, tol)),
-              key=lambda p: (float(p[1].worst().max()), score(p[1])))
-  best = ok[0][1]
-  cell = np.unravel_index(np.argmax(np.abs(best.signed)), best.signed.shape)
-  level = best.worst().max() + standard_error(best, folds)[cell]
-  near = sorted((p for p in ok if p[1].worst().max() <= level), key=lambda p: p[0])
-  return near + [p for p in ok if p[1].worst().max() > level]
+  ok = [(g, r) for g, r in points if no_worse(before, r, tol)]
+  return sorted(ok, key=lambda p: (float(p[1].worst().max()), score(p[1])))
 
 
 def class_indicators(labels, num_classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
