@@ -41,6 +41,23 @@ BRICK_FIELDS = ("loss", "calibrator", "steps", "lr", "w_mi", "lam_rank", "l2", "
                 "control_rounds", "max_gain")
 
 
+class Finished(NamedTuple):
+  """A combined table after the class-mean step and the polish (`Unlearner._finish`)."""
+  table: np.ndarray
+  shares: np.ndarray             # (K,) class-mean shares taken back
+  polish: Optional[dict]         # {"attributes", "gain"}, or None where nothing was polished
+  reading: control.Reading       # the steering probes'
+  retention: float
+
+
+class Lighter(NamedTuple):
+  """The table at `unlearn.mean_share` of the class-mean parts, finished
+  (`Unlearner._lighter_means`)."""
+  gains: np.ndarray
+  finished: Finished
+  accepted: bool                 # every attribute within twice the target, above the floor
+
+
 def attribute_key(seed: int, name: str) -> jax.Array:
   """A brick's key depends on the seed and its attribute only, not on its batch-mates."""
   return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()))
@@ -305,8 +322,8 @@ class Unlearner:
     seeds = None if seed is None else [seed] * k
     warnings, history = [], []
     light = self._lighter_means(active, table_at, seeds, seed, floor, weights)
-    if light is not None and light[2]:
-      gains, (table, shares, polish, reading, ret), _ = light
+    if light is not None and light.accepted:
+      gains, (table, shares, polish, reading, ret) = light.gains, light.finished
     else:
       gains, history = self._solve(lambda g: self._read(table_at(g), active, seeds=seeds),
                                    active, False)
@@ -327,12 +344,12 @@ class Unlearner:
       # LightGCN: occupation +0.021 refused it, and the search ended with
       # gender at +0.041).
       if light is not None:
-        _, (_, _, _, light_reading, light_ret), _ = light
-        if light_ret >= floor and (
-            ret < floor or control.score(light_reading) < control.score(reading)):
+        done = light.finished
+        if done.retention >= floor and (
+            ret < floor or control.score(done.reading) < control.score(reading)):
           self._say("control: kept the lighter class-mean share's table (the searched "
                     "gains' reads further from chance, or under the floor)")
-          gains, (table, shares, polish, reading, ret), _ = light
+          gains, (table, shares, polish, reading, ret) = light.gains, done
           warnings = []   # the search's floor warnings: this table keeps it
     if self.null_sizing():
       table = self.null_sized(table, active, seed)
@@ -361,11 +378,12 @@ class Unlearner:
         "retention_valid": float(ret),
         "within_target": within, "warnings": warnings, "control_steps": len(history)}
 
-  def _finish(self, active, table, reading, seeds, seed, floor, ret, weights=None):
+  def _finish(self, active, table, reading, seeds, seed, floor, ret, weights=None
+              ) -> Finished:
     """The class-mean step (`_take_back_means`), then the polish (`_polish`),
     each where an attribute still reads above the target and kept only at a
     retention of at least `floor` or the one it starts from, whichever is
-    lower; returns (table, shares, polish or None, reading, retention)."""
+    lower."""
     tol = float(self.cfg["target_leakage"])
     shares, polish = np.zeros(len(active)), None
     if self.cfg["residual_means"] and np.any(reading.worst() > tol):
@@ -374,7 +392,7 @@ class Unlearner:
     if self.cfg["polish_steps"] > 0:
       table, polish, reading, ret = self._polish(active, table, reading, seeds, seed,
                                                  min(floor, ret), ret, weights)
-    return table, shares, polish, reading, ret
+    return Finished(table, shares, polish, reading, ret)
 
   def null_sizing(self) -> bool:
     return any(self.cfg[k] for k in ("null_covariances", "null_shapes", "null_means"))
@@ -400,12 +418,12 @@ class Unlearner:
                                  seed=int(attribute_key(int(seed), "null_means")[-1]))
     return table
 
-  def _lighter_means(self, active, table_at, seeds, seed, floor, weights=None):
+  def _lighter_means(self, active, table_at, seeds, seed, floor, weights=None
+                     ) -> Optional[Lighter]:
     """`unlearn.mean_share` < 1: the combined table with that share of each
-    brick's class-mean part (gains (share, 1)), finished (`_finish`); returns
-    (gains, `_finish`'s tuple, accepted), accepted where every attribute then
-    reads within twice the target at a retention of at least `floor`; None
-    where `mean_share` is 1.
+    brick's class-mean part (gains (share, 1)), finished (`_finish`),
+    accepted where every attribute then reads within twice the target at a
+    retention of at least `floor`; None where `mean_share` is 1.
 
     The bricks' class-mean parts carry the combination's utility cost: each
     is a rigid shift of a class fitted to one attribute, and added they
@@ -422,16 +440,16 @@ class Unlearner:
     reading = self._read(table, active, seeds=seeds)
     self._say(f"control, class-mean parts x{share:.2f}: " + "; ".join(
         f"{n} {s:+.3f}" for n, s in zip(active, reading.worst_signed())))
-    out = self._finish(active, table, reading, seeds, seed, floor, self.retention(table), weights)
-    _, _, _, reading, ret = out
+    done = self._finish(active, table, reading, seeds, seed, floor, self.retention(table),
+                        weights)
     tol = float(self.cfg["target_leakage"])
-    left = [n for n, w in zip(active, reading.worst()) if w > 2 * tol]
-    if not left and ret >= floor:
-      return gains, out, True
+    left = [n for n, w in zip(active, done.reading.worst()) if w > 2 * tol]
+    if not left and done.retention >= floor:
+      return Lighter(gains, done, True)
     self._say(f"control, class-mean parts x{share:.2f}: " + (
         f"{', '.join(left)} beyond twice the target" if left else
-        f"retention {ret:.3f} under the floor") + "; searching the gains")
-    return gains, out, False
+        f"retention {done.retention:.3f} under the floor") + "; searching the gains")
+    return Lighter(gains, done, False)
 
   def _take_back_means(self, active, table, reading, seeds, floor, ret):
     """`unlearn.residual_means`: the combined table less a share of what is left

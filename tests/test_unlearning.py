@@ -13,7 +13,7 @@ from lego_jax import config as config_lib
 from lego_jax import checkpoint
 from lego_jax.errors import LegoError
 from lego_jax.unlearning import calibration, combination, losses
-from lego_jax.requests import IN_PROGRESS, Unlearner, attribute_key
+from lego_jax.requests import IN_PROGRESS, Finished, Lighter, Unlearner, attribute_key
 from lego_jax.workdir import Workdir
 from tests.conftest import tiny_config
 
@@ -1147,12 +1147,12 @@ def test_a_refused_lighter_table_is_kept_where_the_searched_one_reads_further(fr
       (0.021, 0.041, 0.97, 0.97, light), (0.041, 0.021, 0.97, 0.97, searched),
       (0.021, 0.041, 0.90, 0.97, searched), (0.041, 0.021, 0.97, 0.90, light)]:
     u = Unlearner(wd, progress=False, config=config)
-    u._lighter_means = lambda *a, **k: (np.array([[0.75, 1.0]]), (
+    u._lighter_means = lambda *a, **k: Lighter(np.array([[0.75, 1.0]]), Finished(
         light, np.zeros(1), None, reading(light_reads), light_ret), False)
     u._solve = lambda read, active, independent: (
         np.ones((1, 2)), [control.Step(np.ones((1, 2)), reading(searched_reads))])
-    u._finish = lambda *a, **k: (searched, np.zeros(1), None, reading(searched_reads),
-                                 searched_ret)
+    u._finish = lambda *a, **k: Finished(searched, np.zeros(1), None,
+                                         reading(searched_reads), searched_ret)
     u.retention = lambda t: light_ret if t is light else searched_ret
     u._read = lambda t, *a, **k: reading(light_reads if t is light else searched_reads)
     table, meta = u._control_combination(names, lambda g: searched)
@@ -1191,9 +1191,9 @@ def test_lighter_means_finish_the_table_at_a_share_of_the_class_mean_parts(fresh
   # Under the floor, or with a polish that cannot bring the probes within
   # twice the target, the loop searches the gains as before.
   u.retention = lambda t: 0.9
-  assert not u._lighter_means(names, table_at, None, None, 0.95)[2]
+  assert not u._lighter_means(names, table_at, None, None, 0.95).accepted
   u.retention, u.polish_move = lambda t: 0.99, lambda t, w, s=None: 1e-3 * move
-  assert not u._lighter_means(names, table_at, None, None, 0.95)[2]
+  assert not u._lighter_means(names, table_at, None, None, 0.95).accepted
   off = Unlearner(wd, progress=False,
                   config={**wd.config, "unlearn": {**wd.config["unlearn"], "mean_share": 1.0}})
   assert off._lighter_means(names, table_at, None, None, 0.95) is None
