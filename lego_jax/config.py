@@ -330,15 +330,14 @@ DESCRIPTIONS: dict[str, str] = {
                               "twice the target, else the closest) of each attribute's class "
                               "means left in the combined table, fitted jointly: correlated "
                               "bricks cross when added (docs/findings.md)",
-    "unlearn.polish_steps": "steps of the polish (0 = off): where a probe reads an attribute "
-                            "above the target with its interval clear of chance after the "
-                            "class-mean step (the table read with `polish_probes` too, as it "
-                            "will be kept), one free table calibrated from the combined table "
-                            "for those attributes, with the MMD on random features of every "
-                            "user, added at the gain (0 to 1) where lines through the probes' "
-                            "readings put the worst attribute closest to chance, kept only "
-                            "where the attribute furthest from chance reads no further from "
-                            "it (docs/method.md)",
+    "unlearn.polish_steps": "steps of the polish (0 = off): where an attribute reads above "
+                            "the target after the class-mean step (the table read with "
+                            "`polish_probes` too, as it will be kept), one free table "
+                            "calibrated from the combined table for those attributes, with "
+                            "the MMD on random features of every user, added at the gain "
+                            "(0 to 1) where lines through the probes' readings put the worst "
+                            "attribute closest to chance, kept only where the attribute "
+                            "furthest from chance reads no further from it (docs/method.md)",
     "unlearn.polish_features": "random features per bandwidth of the polish's MMD (the bricks' "
                                "count is `features`): most of the polish's cost, about 40 s "
                                "of ML-1M MF's 100 s combination (docs/findings.md)",

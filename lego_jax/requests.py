@@ -496,18 +496,16 @@ class Unlearner:
   def _polish(self, active, table, reading, seeds, seed, floor, ret,
               weights=None):
     """`unlearn.polish_steps`: the combined table plus a gain of `polish_move`
-    for the attributes some probe reads above the target with its interval
-    clear of chance (`control.clear_leaks`), at the gain
-    `control.polish_gain` ranks first among those keeping a retention
-    (`retention`) of at least `floor`; returns (table, {"attributes", "gain"}
-    or None where no attribute leaks clearly, reading, retention).
+    for the attributes above the target, at the gain `control.polish_gain`
+    ranks first among those keeping a retention (`retention`) of at
+    least `floor`; returns (table, {"attributes", "gain"} or None where no
+    attribute is above the target, reading, retention).
 
     What is left after combining did not move under more minibatch steps
     (ML-1M NCF: MLP gender +0.042); on every user the estimate's
     permuted-label level is lower, and half the polish took it to chance.
-    Only the attributes that clearly leak are polished: one at chance
-    already is pushed below it, and so is one read past the target by the
-    probes' noise alone (ML-100K NCF; docs/findings.md).
+    Only the attributes above the target are polished: one at chance
+    already is pushed below it (docs/findings.md).
 
     Which attributes, and the gain, are read on the table as it will be
     kept (`null_sized`) by the steering probes and `unlearn.polish_probes`:
@@ -535,12 +533,8 @@ class Unlearner:
           f"{n} {s:+.3f}" for n, s in zip(active, r.worst_signed())))
       return r
     before = read(0.0)
-    which = [a for a, leak in zip(active, control.clear_leaks(before, tol)) if leak]
+    which = [a for a, w in zip(active, before.worst()) if w > tol]
     if not which:
-      above = [a for a, w in zip(active, before.worst()) if w > tol]
-      if above:
-        self._say(f"control, no polish: {', '.join(above)} above the target, but no probe's "
-                  "interval is clear of chance")
       return table, None, reading, ret
     move = self.polish_move(table, which, seed, **(weights or {}))
     for gain, r in control.polish_gain(read, before, tol=tol):

@@ -191,14 +191,6 @@ def test_polish_gain_trades_an_attribute_at_chance_for_the_worst_one():
   np.testing.assert_allclose(reading.worst(), [0.048, 0.048, 0.0], atol=1e-9)
 
 
-def test_a_clear_leak_reads_past_the_target_with_its_interval_clear_of_chance():
-  signed = np.asarray([[0.05, 0.05, -0.05, 0.008], [0.0, 0.0, 0.0, 0.0]])
-  lo = np.asarray([[0.01, -0.01, -0.09, 0.001], [-0.04, 0.02, -0.04, -0.04]])
-  reading = control.Reading(signed, lo, signed + 0.04, ("knn", "mlp"))
-  # Clear of 0 and past the target; within noise; below chance; within the target.
-  np.testing.assert_array_equal(control.clear_leaks(reading, 0.01), [True, False, False, False])
-
-
 def test_a_reading_selects_its_probes_rows():
   signed = np.arange(6.0).reshape(3, 2)
   r = control.Reading(signed, signed - 1, signed + 1, ("linear", "mlp", "knn"))

@@ -162,20 +162,6 @@ def no_worse(before: Reading, after: Reading, tol: float) -> bool:
   return bool(after.worst().max() <= max(before.worst().max(), 2 * tol))
 
 
-def clear_leaks(reading: Reading, tol: float) -> np.ndarray:
-  """(K,) whether some probe reads each attribute above chance by more than
-  `tol` with its 95% interval clear of 0: a leak the probes can tell from
-  their own noise.
-
-  On a few hundred users one probe's reading varies by +-0.04, so a reading
-  past the target alone is often noise, and a move made for it only pushes
-  the attribute below chance (ML-100K NCF: a neighbour vote read gender at
-  +0.02 to +0.07, in six of eight tables with an interval holding 0;
-  polished for it, the MLP evaluation read -0.027 over five seeds, the
-  same tables unpolished -0.005; docs/findings.md)."""
-  return np.any((reading.signed > tol) & (reading.lo > 0), axis=0)
-
-
 def polish_gain(read_fn: Callable[[float], Reading], before: Reading, *, tol: float,
                 first: float = POLISH_FIRST, rounds: int = POLISH_ROUNDS,
                 max_gain: float = 1.0) -> list[tuple[float, Reading]]:
