@@ -98,7 +98,7 @@ def evaluate(args):
 def attack(args):
   wd = Workdir.open(args.workdir)
   table = Unlearner(wd).table(args.stage)
-  repeats = wd.config["attack"]["repeats"] if args.repeats is None else args.repeats
+  repeats = wd.attack_repeats(args.repeats)
   keys = ATTACK_KEYS + (("split_sd",) if repeats > 1 else ())
   out = {"stage": args.stage, "attacker": args.attacker, "protocol": args.protocol,
          "repeats": repeats,

@@ -351,10 +351,14 @@ class Workdir:
     `attack.repeats`)."""
     names = self.attribute_names() if names is None else list(names)
     labels, num_classes = self.labels(names)
-    repeats = self.config["attack"]["repeats"] if repeats is None else repeats
     return attackers.attack(np.asarray(table), labels, num_classes, attacker=attacker,
                             protocol=protocol, seed=self.config["seed"],
-                            config=self.config["attack"], names=names, repeats=repeats)
+                            config=self.config["attack"], names=names,
+                            repeats=self.attack_repeats(repeats))
+
+  def attack_repeats(self, repeats: Optional[int] = None) -> int:
+    """`repeats` where given, else this config's `attack.repeats`."""
+    return int(self.config["attack"]["repeats"] if repeats is None else repeats)
 
   def evaluate_popularity(self, stage: str = "test") -> dict:
     return ranking.evaluate(ranking.popularity_score_fn(self.split), self.split, stage=stage,
