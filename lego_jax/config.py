@@ -369,13 +369,13 @@ DESCRIPTIONS: dict[str, str] = {
                           "(docs/findings.md)",
     "unlearn.mean_share": "below 1, the combined table is first tried at this share of "
                           "every brick's class-mean part, finished by the class-mean step "
-                          "and the polish, and kept where every attribute then reads within "
-                          "twice the target above the floor, or above it where the "
-                          "searched gains are not or read further from chance: the bricks' "
-                          "rigid class shifts cross and cost utility; `null_means` sizes "
-                          "what a share leaves "
-                          "(ML-1M MF: 0.963 test retention against 0.944 at 1, the judges "
-                          "alike; docs/findings.md); 1 = off",
+                          "and the polish; kept where every attribute then reads within "
+                          "twice the target above the floor, else where it keeps the floor "
+                          "and the searched gains' table does not, or reads closer to "
+                          "chance. The bricks' rigid class shifts cross and cost utility; "
+                          "`null_means` sizes what a share leaves (ML-1M MF: 0.963 test "
+                          "retention against 0.944 at 1, the judges alike; "
+                          "docs/findings.md); 1 = off",
     "unlearn.per_attribute": "per-attribute `w_mi`, `lam_rank`, `l2`, `lr`, keyed by "
                              "attribute name (`--set unlearn.per_attribute.age.l2=1`)",
 
