@@ -6,8 +6,9 @@ import pytest
 
 from benchmarks.brick_interference import match_covariances, polish
 from benchmarks.brick_retention import VARIANTS, brick_reads
-from benchmarks import across, judge, norm_interaction, null_means, overshoot
+from benchmarks import across, judge, norm_interaction, null_means, overshoot, polish_path
 from benchmarks.retention_protocol import reads
+from lego_jax import config as config_lib
 from lego_jax.errors import LegoError
 from lego_jax.requests import Unlearner
 from lego_jax.workdir import Workdir
@@ -388,3 +389,34 @@ def test_across_unlearns_each_part_on_a_copy_and_leaves_the_workdir(fresh_workdi
     assert moved[(part == p) & (codes[0] >= 0)].mean() > 0.5
   np.testing.assert_array_equal(z[f"attr_{name}"], codes[0])
   assert sorted(p.relative_to(fresh_workdir) for p in fresh_workdir.rglob("*")) == before
+
+
+def test_polish_path_records_each_polish_and_reads_it_along_its_gain(fresh_workdir):
+  sets = ["unlearn.target_leakage=0",    # a target of 0: always polished
+          "unlearn.mean_share=1", "unlearn.attributes=[\"gender\"]"]
+  out = polish_path.main(["--workdir", str(fresh_workdir), "--seeds", "2", "--gains", "0,1",
+                          "--attackers", "linear", "--repeats", "1", "--json",
+                          *(x for s in sets for x in ("--set", s))])
+  polishes = out["polishes"]
+  assert sorted(p["seed"] for p in polishes) == [0, 1]
+  wd = Workdir.open(fresh_workdir)
+  u = Unlearner(wd, progress=False,
+                config=config_lib.apply_overrides(wd.config, sets))
+  recorded = polish_path.Recording.polishes
+  for p, rec in zip(polishes, recorded):
+    assert p["attributes"] == ["gender"] and [r["gain"] for r in p["path"]] == sorted(
+        {0.0, 1.0, p["gain"]})
+    # Gain 0 is the table the polish started from, as the loop keeps it.
+    start = u.null_sized(rec["table"], rec["active"], rec["seed"])
+    assert p["path"][0]["retention"] == pytest.approx(u.retention(start))
+    # The move recorded is the one the polish made.
+    np.testing.assert_allclose(rec["move"], u.polish_move(rec["table"], ["gender"], rec["seed"]),
+                               atol=1e-5)
+  kept = out["summary"]["kept"]["linear"]["gender"]
+  assert kept == pytest.approx(np.mean([next(r["read"]["linear"]["gender"] for r in p["path"]
+                                             if r["gain"] == p["gain"]) for p in polishes]))
+  centred = polish_path.moved(u, recorded[0], "centred")
+  labels = np.asarray(wd.labels(recorded[0]["active"])[0])
+  for y in labels:
+    for c in np.unique(y[y >= 0]):                   # no class-mean part left in the move
+      np.testing.assert_allclose(centred[y == c].mean(0), centred[y >= 0].mean(0), atol=1e-4)
