@@ -1065,6 +1065,45 @@ def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fre
                              atol=1e-5)
 
 
+def test_the_polish_leaves_out_an_attribute_read_below_chance(fresh_workdir):
+  # A polish only takes class information away: occupation, read at -0.03,
+  # would go further below; gender, above, is polished alone.
+  from lego_jax.unlearning import control
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age", "occupation"]
+  rng = np.random.default_rng(0)
+  plain = rng.normal(size=(wd.split.n_users, 8)).astype(np.float32)
+  move = rng.normal(size=plain.shape).astype(np.float32)
+  polished = []
+
+  def fake_move(table, which, seed=None):
+    polished.append(which)
+    return move
+
+  def fake_read(table, names, probes=None, seeds=None):
+    probes = tuple(probes or ("linear", "mlp"))
+    gain = np.linalg.norm(table - plain) / np.linalg.norm(move)
+    signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, -0.03], (len(probes), 1))
+    return control.Reading(signed, signed - 0.01, signed + 0.01, probes)
+  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
+                                        "null_shapes": False, "null_covariances": False}}
+  u = Unlearner(wd, progress=False, config=unsized)
+  u._read, u.polish_move, u.retention = fake_read, fake_move, lambda t: 0.99
+  table, polish, after, _ = u._polish(names, plain, fake_read(plain, names), None, None,
+                                      0.95, 1.0)
+  assert polished == [["gender"]] and polish["attributes"] == ["gender"]
+  # Occupation's -0.03 stays the worst reading; any gain taking gender within it ranks first.
+  assert polish["gain"] > 0 and abs(after.worst_signed()[0]) <= 0.03
+  np.testing.assert_allclose(after.worst_signed()[1:], [0.0, -0.03])
+  # Read below chance alone, nothing is polished.
+  below = lambda t, n, probes=None, seeds=None: control.Reading(
+      np.full((2, 3), -0.03), np.full((2, 3), -0.04), np.full((2, 3), -0.02),
+      tuple(probes or ("linear", "mlp")))
+  u._read = below
+  kept = u._polish(names, plain, below(plain, names), None, None, 0.95, 1.0)
+  assert kept[0] is plain and kept[1] is None and len(polished) == 1
+
+
 def test_the_polish_reads_its_own_probes_on_the_table_as_it_will_be_kept(fresh_workdir):
   from lego_jax.unlearning import control
   wd = Workdir.open(fresh_workdir)
