@@ -331,7 +331,8 @@ DESCRIPTIONS: dict[str, str] = {
                               "means left in the combined table, fitted jointly: correlated "
                               "bricks cross when added (docs/findings.md)",
     "unlearn.polish_steps": "steps of the polish (0 = off): where an attribute reads above "
-                            "the target after the class-mean step (the table read with "
+                            "chance by more than the target after the class-mean step (one "
+                            "below chance would go further below; the table read with "
                             "`polish_probes` too, as it will be kept), one free table "
                             "calibrated from the combined table for those attributes, with "
                             "the MMD on random features of every user, added at the gain "
