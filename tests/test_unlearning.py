@@ -978,11 +978,11 @@ def test_polish_adds_the_stored_gain_of_the_move_for_the_attributes_above_target
   move = u.polish_move(plain, names)
   real = u._read
 
-  def crossing(tables, names, probes=None, **kwargs):
+  def crossing(tables, attributes, probes=None, **kwargs):
     if probes is None:
-      return real(tables, names, probes, **kwargs)
+      return real(tables, attributes, probes, **kwargs)
     gain = np.linalg.norm(tables - plain) / np.linalg.norm(move)
-    signed = np.full((len(probes), len(names)), 0.05 * (1 - gain / 0.4))
+    signed = np.full((len(probes), len(attributes)), 0.05 * (1 - gain / 0.4))
     return control.Reading(signed, signed - 0.01, signed + 0.01, tuple(probes))
   u._read = crossing
   table = u.unlearn(names)                               # bricks reused, recombined
