@@ -391,8 +391,9 @@ def test_across_unlearns_each_part_on_a_copy_and_leaves_the_workdir(fresh_workdi
   assert sorted(p.relative_to(fresh_workdir) for p in fresh_workdir.rglob("*")) == before
 
 
-def test_polish_path_records_each_polish_and_reads_it_along_its_gain(fresh_workdir):
-  sets = ["unlearn.target_leakage=0",    # a target of 0: always polished
+def test_polish_path_records_each_polish_and_reads_it_along_its_gain(fresh_workdir,
+                                                                   polish_reads_above):
+  sets = ["unlearn.target_leakage=0",
           "unlearn.mean_share=1", "unlearn.attributes=[\"gender\"]"]
   out = polish_path.main(["--workdir", str(fresh_workdir), "--seeds", "2", "--gains", "0,1",
                           "--attackers", "linear", "--repeats", "1", "--json",

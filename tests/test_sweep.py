@@ -132,7 +132,8 @@ def test_sweep_runs_the_grid_and_each_point_equals_that_run_alone(fresh_workdir,
 
 
 def test_each_point_of_a_sweep_is_polished_with_its_own_weights(fresh_workdir, tmp_path,
-                                                                monkeypatch, capsys):
+                                                                monkeypatch, capsys,
+                                                                polish_reads_above):
   real, seen = Unlearner.polish_move, []
 
   def polish_move(self, table, names, seed=None, **settings):
@@ -141,7 +142,7 @@ def test_each_point_of_a_sweep_is_polished_with_its_own_weights(fresh_workdir, t
   monkeypatch.setattr(Unlearner, "polish_move", polish_move)
   assert main(["sweep", "--workdir", str(fresh_workdir), "--grid", "unlearn.w_mi=0.5,2",
                "--seeds", "1", "--attributes", "gender", "--out", str(tmp_path), "--json",
-               "--set", "unlearn.target_leakage=0",        # a target of 0: always polished
+               "--set", "unlearn.target_leakage=0",
                "--set", "unlearn.mean_share=1"]) == 0      # once: no lighter table first
   result = json.loads(capsys.readouterr().out)
   assert sorted(w for _, w in seen) == [0.5, 2.0]
