@@ -1037,55 +1037,11 @@ def test_the_combination_reports_leakage_read_on_folds_the_loop_did_not_choose_b
   assert not np.array_equal(other.signed, reading.signed)
 
 
-def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fresh_workdir):
+def _fake_polish(wd, signed_at, sized=False):
+  """An Unlearner whose polish move is a fixed random table and whose probes
+  read gender, age and occupation at `signed_at(gain)` along it; returns the
+  Unlearner, the table polished, the move and the attribute lists moved."""
   from lego_jax.unlearning import control
-  wd = Workdir.open(fresh_workdir)
-  names = ["gender", "age", "occupation"]
-  rng = np.random.default_rng(0)
-  plain = rng.normal(size=(wd.split.n_users, 8)).astype(np.float32)
-  move = rng.normal(size=plain.shape).astype(np.float32)
-  polished = []
-
-  def fake_move(table, which, seed=None):
-    polished.append(which)
-    return move
-
-  def fake_read(table, names, probes=None, seeds=None):   # chance at 0.4 of the move
-    probes = tuple(probes or ("linear", "mlp"))
-    gain = np.linalg.norm(table - plain) / np.linalg.norm(move)
-    signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, 0.03 * (1 - gain / 0.4)], (len(probes), 1))
-    return control.Reading(signed, signed - 0.01, signed + 0.01, probes)
-  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
-                                        "null_shapes": False, "null_covariances": False}}
-  u = Unlearner(wd, progress=False, config=unsized)
-  u._read, u.polish_move, u.retention = fake_read, fake_move, lambda t: 0.99
-  reading = fake_read(plain, names)
-  table, polish, after, ret = u._polish(names, plain, reading, None, None, 0.95, 1.0)
-  assert polished == [["gender", "occupation"]]        # age is within the target already
-  assert polish["attributes"] == ["gender", "occupation"]
-  np.testing.assert_allclose(polish["gain"], 0.4, atol=1e-4)
-  np.testing.assert_allclose(table, plain + polish["gain"] * move, atol=1e-5)
-  assert ret == 0.99 and after.worst().max() < 1e-3
-  # Under the utility floor, the table is left as it was.
-  u.retention = lambda t: 0.9
-  kept = u._polish(names, plain, reading, None, None, 0.95, 1.0)
-  np.testing.assert_array_equal(kept[0], plain)
-  assert kept[1]["gain"] == 0.0 and kept[3] == 1.0
-  # With `null_shapes` and `null_means` every polished table is read, and kept, sized.
-  sized = Unlearner(wd, progress=False)
-  sized._read, sized.polish_move, sized.retention = fake_read, fake_move, lambda t: 0.99
-  table, polish, _, _ = sized._polish(names, plain, reading, None, None, 0.95, 1.0)
-  assert polish["gain"] > 0
-  np.testing.assert_allclose(table, sized.null_sized(plain + polish["gain"] * move, names),
-                             atol=1e-5)
-
-
-def test_the_polish_leaves_out_an_attribute_read_below_chance(fresh_workdir):
-  # A polish only takes class information away: occupation, read at -0.03,
-  # would go further below; gender, above, is polished alone.
-  from lego_jax.unlearning import control
-  wd = Workdir.open(fresh_workdir)
-  names = ["gender", "age", "occupation"]
   rng = np.random.default_rng(0)
   plain = rng.normal(size=(wd.split.n_users, 8)).astype(np.float32)
   move = rng.normal(size=plain.shape).astype(np.float32)
@@ -1098,25 +1054,57 @@ def test_the_polish_leaves_out_an_attribute_read_below_chance(fresh_workdir):
   def fake_read(table, names, probes=None, seeds=None):
     probes = tuple(probes or ("linear", "mlp"))
     gain = np.linalg.norm(table - plain) / np.linalg.norm(move)
-    signed = np.tile([0.05 * (1 - gain / 0.4), 0.0, -0.03], (len(probes), 1))
+    signed = np.tile(signed_at(gain), (len(probes), 1))
     return control.Reading(signed, signed - 0.01, signed + 0.01, probes)
-  unsized = {**wd.config, "unlearn": {**wd.config["unlearn"], "null_means": False,
-                                        "null_shapes": False, "null_covariances": False}}
-  u = Unlearner(wd, progress=False, config=unsized)
+  config = wd.config if sized else {**wd.config, "unlearn": {
+      **wd.config["unlearn"], "null_means": False, "null_shapes": False,
+      "null_covariances": False}}
+  u = Unlearner(wd, progress=False, config=config)
   u._read, u.polish_move, u.retention = fake_read, fake_move, lambda t: 0.99
-  table, polish, after, _ = u._polish(names, plain, fake_read(plain, names), None, None,
+  return u, plain, move, polished
+
+
+def test_polish_takes_the_gain_where_the_probes_cross_chance_above_the_floor(fresh_workdir):
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age", "occupation"]
+  crossing = lambda gain: [0.05 * (1 - gain / 0.4), 0.0, 0.03 * (1 - gain / 0.4)]  # at 0.4
+  u, plain, move, polished = _fake_polish(wd, crossing)
+  reading = u._read(plain, names)
+  table, polish, after, ret = u._polish(names, plain, reading, None, None, 0.95, 1.0)
+  assert polished == [["gender", "occupation"]]        # age is within the target already
+  assert polish["attributes"] == ["gender", "occupation"]
+  np.testing.assert_allclose(polish["gain"], 0.4, atol=1e-4)
+  np.testing.assert_allclose(table, plain + polish["gain"] * move, atol=1e-5)
+  assert ret == 0.99 and after.worst().max() < 1e-3
+  # Under the utility floor, the table is left as it was.
+  u.retention = lambda t: 0.9
+  kept = u._polish(names, plain, reading, None, None, 0.95, 1.0)
+  np.testing.assert_array_equal(kept[0], plain)
+  assert kept[1]["gain"] == 0.0 and kept[3] == 1.0
+  # With `null_shapes` and `null_means` every polished table is read, and kept, sized.
+  sized, _, _, _ = _fake_polish(wd, crossing, sized=True)
+  table, polish, _, _ = sized._polish(names, plain, reading, None, None, 0.95, 1.0)
+  assert polish["gain"] > 0
+  np.testing.assert_allclose(table, sized.null_sized(plain + polish["gain"] * move, names),
+                             atol=1e-5)
+
+
+def test_the_polish_leaves_out_an_attribute_read_below_chance(fresh_workdir):
+  # A polish only takes class information away: occupation, read at -0.03,
+  # would go further below; gender, above, is polished alone.
+  wd = Workdir.open(fresh_workdir)
+  names = ["gender", "age", "occupation"]
+  u, plain, _, polished = _fake_polish(wd, lambda gain: [0.05 * (1 - gain / 0.4), 0.0, -0.03])
+  table, polish, after, _ = u._polish(names, plain, u._read(plain, names), None, None,
                                       0.95, 1.0)
   assert polished == [["gender"]] and polish["attributes"] == ["gender"]
   # Occupation's -0.03 stays the worst reading; any gain taking gender within it ranks first.
   assert polish["gain"] > 0 and abs(after.worst_signed()[0]) <= 0.03
   np.testing.assert_allclose(after.worst_signed()[1:], [0.0, -0.03])
   # Read below chance alone, nothing is polished.
-  below = lambda t, n, probes=None, seeds=None: control.Reading(
-      np.full((2, 3), -0.03), np.full((2, 3), -0.04), np.full((2, 3), -0.02),
-      tuple(probes or ("linear", "mlp")))
-  u._read = below
-  kept = u._polish(names, plain, below(plain, names), None, None, 0.95, 1.0)
-  assert kept[0] is plain and kept[1] is None and len(polished) == 1
+  u, plain, _, polished = _fake_polish(wd, lambda gain: [-0.03, -0.03, -0.03])
+  kept = u._polish(names, plain, u._read(plain, names), None, None, 0.95, 1.0)
+  assert kept[0] is plain and kept[1] is None and polished == []
 
 
 def test_the_polish_reads_its_own_probes_on_the_table_as_it_will_be_kept(fresh_workdir):
