@@ -61,8 +61,8 @@ def fresh_workdir(trained_workdir, tmp_path) -> pathlib.Path:
 @pytest.fixture
 def polish_reads_above(monkeypatch):
   """The polish's readings (the only ones naming their probes) shifted 0.5
-  above chance, so every attribute is polished: it leaves out one read below
-  chance, as the tiny fixture's may be."""
+  above chance, so that it moves every attribute: it leaves out one read
+  below chance, and the tiny fixture's may read below."""
   from lego_jax.requests import Unlearner
   from lego_jax.unlearning import control
   real = Unlearner._read
